@@ -1,0 +1,324 @@
+"""The loss-type registry: names, defaults, parameter checks and metric names, shared by every backend.
+
+Names and defaults are TRL 1.16's (`DPOConfig`). Everything that can be wrong about a combination of options is
+checked here, once, so that the reference, the Triton kernels and the CPU backend accept exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# The 15 loss types of TRL 1.16, in the order of its documentation. A loss type's code is its index here; the
+# Triton kernel branches on it.
+LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+# Loss types whose inputs go through the f-divergence map (TRL refuses a non-default divergence with the others).
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+# Loss types that divide each score by its own completion length.
+LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "sigmoid_norm"})
+# Loss types that sort the batch (the per-pair loss index is a rank, not a pair).
+SORTED_LOSSES = frozenset({"aot", "aot_unpaired"})
+
+# Upper clamp of (a − 1)·x inside the alpha divergence, as TRL uses for fp32/bf16 (we use it for fp64 too).
+ALPHA_DIVERGENCE_CLAMP = 80.0
+# |a − 1| below this makes the alpha divergence the reverse KL (TRL's rule).
+ALPHA_DIVERGENCE_EPS = 1e-6
+
+# TRL's metric keys, in the order DPOTrainer logs them.
+REWARD_METRICS: tuple[str, ...] = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+STATS_METRICS: tuple[str, ...] = (
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A validated set of loss options; build it with `loss_config`, never directly."""
+
+    loss_types: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+
+    @property
+    def loss_codes(self) -> tuple[int, ...]:
+        return tuple(LOSS_TYPES.index(name) for name in self.loss_types)
+
+    @property
+    def f_divergence_code(self) -> int:
+        """Index into F_DIVERGENCES; an alpha divergence with a ≈ 1 is the reverse KL (code 0)."""
+        if (
+            self.f_divergence_type == "alpha_divergence"
+            and abs(self.f_alpha_divergence_coef - 1.0) < ALPHA_DIVERGENCE_EPS
+        ):
+            return 0
+        return F_DIVERGENCES.index(self.f_divergence_type)
+
+    @property
+    def needs_lengths(self) -> bool:
+        return any(name in LENGTH_NORMALISED_LOSSES for name in self.loss_types)
+
+    @property
+    def needs_sort(self) -> bool:
+        return any(name in SORTED_LOSSES for name in self.loss_types)
+
+    @property
+    def has_sft(self) -> bool:
+        return "sft" in self.loss_types
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    names = tuple(value)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"loss_type must be a name or a non-empty list of names, got {value!r}")
+    return names
+
+
+def loss_config(
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    use_weighting: bool = False,
+) -> LossConfig:
+    """Checks a combination of loss options and returns it as a `LossConfig`.
+
+    Raises `ValueError` naming the offending option. Stricter than TRL 1.16 where TRL accepts options that give
+    inf/NaN or a division by zero (`beta <= 0`, `discopop_tau <= 0`, `robust` with ε ∉ [0, 0.5), `exo_pair` with
+    ε ≥ 1); as strict as TRL everywhere else (unknown names, `loss_weights` length, `exo_pair` with ε = 0,
+    non-default f-divergence with a loss that ignores it, WPO with `aot`/`aot_unpaired`).
+    """
+    names = _names(loss_type)
+    for name in names:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {name!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
+    if loss_weights is None:
+        weights = (1.0,) * len(names)
+    else:
+        weights = tuple(float(w) for w in loss_weights)
+        if len(weights) != len(names):
+            raise ValueError(
+                f"loss_weights has {len(weights)} entries but loss_type has {len(names)} ({', '.join(names)})"
+            )
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"loss_weights must be finite, got {list(weights)}")
+    beta, eps, tau = float(beta), float(label_smoothing), float(discopop_tau)
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {eps}")
+    if "exo_pair" in names and not 0.0 < eps < 1.0:
+        raise ValueError(f"loss_type 'exo_pair' needs label_smoothing in (0, 1), got {eps}")
+    if "robust" in names and not 0.0 <= eps < 0.5:
+        raise ValueError(f"loss_type 'robust' needs label_smoothing in [0, 0.5), got {eps}")
+    if "discopop" in names and not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"discopop_tau must be a finite number > 0, got {tau}")
+    if f_divergence_type != "reverse_kl":
+        ignoring = [name for name in names if name not in F_DIVERGENCE_LOSSES]
+        if ignoring:
+            raise ValueError(
+                f"f_divergence_type {f_divergence_type!r} is not supported with loss_type "
+                f"{', '.join(repr(n) for n in ignoring)}; it applies to: {', '.join(sorted(F_DIVERGENCE_LOSSES))}"
+            )
+    if use_weighting and any(name in SORTED_LOSSES for name in names):
+        raise ValueError("WPO weights (use_weighting / wpo_weights) are not supported with 'aot' / 'aot_unpaired'")
+    return LossConfig(
+        loss_types=names,
+        loss_weights=weights,
+        beta=beta,
+        label_smoothing=eps,
+        discopop_tau=tau,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=float(f_alpha_divergence_coef),
+    )
+
+
+def check_ld_alpha(ld_alpha: float | None) -> float | None:
+    """LD-DPO's α must lie in [0, 1] (TRL documents this but does not check it)."""
+    if ld_alpha is None:
+        return None
+    ld_alpha = float(ld_alpha)
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    return ld_alpha
+
+
+# Input checks shared by every backend. They name the argument and, where a tensor's values are wrong, say which
+# values are allowed. The label range check reads the labels once on the host (one synchronisation per call).
+
+
+def check_logits_labels(logits, labels, ignore_index: int, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_describe(logits)}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {_describe(labels)}")
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal {name} shape without its last dimension "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but {name} are on {logits.device}")
+    V = logits.shape[-1]
+    bad = (labels < 0) | (labels >= V)
+    bad &= labels != ignore_index
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {V}) or equal ignore_index={ignore_index}; "
+            f"found {labels[bad].flatten()[:4].tolist()}"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_pair_logps(pc, pr, rc, rr) -> None:
+    """The four per-sequence log-prob tensors: floating, 1-D, one shape, one device, at least one pair."""
+    named = {
+        "policy_chosen_logps": pc,
+        "policy_rejected_logps": pr,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {_describe(t)}")
+        if t.ndim != 1:
+            raise ValueError(f"{name} must be 1-D [B], got shape {tuple(t.shape)}")
+    shapes = {name: tuple(t.shape) for name, t in named.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"the four log-prob tensors must have one shape [B], got {shapes}")
+    devices = {name: str(t.device) for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"the four log-prob tensors must be on one device, got {devices}")
+    if pc.shape[0] == 0:
+        raise ValueError("expected at least one pair, got B = 0")
+
+
+def check_pair_vector(value, name: str, B: int, device) -> None:
+    """An optional per-pair ([B]) or per-sequence ([2B]) tensor argument."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {_describe(value)}")
+    if value.shape != (B,):
+        raise ValueError(f"{name} must have shape [{B}], got {tuple(value.shape)}")
+    if value.device != torch.device(device):
+        raise ValueError(f"{name} is on {value.device} but the log-probs are on {device}")
+
+
+def check_even_rows(S: int, what: str = "sequences") -> int:
+    """Chosen rows then rejected rows: S must be even; returns B = S / 2."""
+    if S % 2 != 0 or S == 0:
+        raise ValueError(
+            f"expected an even, non-zero number of {what} (chosen rows first, then rejected rows), got {S}"
+        )
+    return S // 2
+
+
+def check_cu_seqlens(cu_seqlens, N: int, device) -> None:
+    """Packed layout: cu_seqlens [S+1] integer, 0 = cu[0] <= cu[1] <= ... <= cu[S] = N."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {_describe(cu_seqlens)}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if values[-1] != N:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N = {N}, got {values[-1]}")
+
+
+def _describe(value) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__} of dtype {dtype}" if dtype is not None else type(value).__name__
+
+
+def check_loss_inputs(
+    config: LossConfig,
+    pc,
+    pr,
+    rc,
+    rr,
+    *,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    wpo_weights=None,
+    chosen_token_logp_sum=None,
+    chosen_token_count=None,
+):
+    """Checks the tensors of a `dpo_loss` call against its config; returns the sft token count to use
+    (`chosen_token_count`, else `chosen_lengths`; None when no sft term needs it)."""
+    check_pair_logps(pc, pr, rc, rr)
+    B, device = pc.shape[0], pc.device
+    for name, value, size in (
+        ("chosen_lengths", chosen_lengths, B),
+        ("rejected_lengths", rejected_lengths, B),
+        ("wpo_weights", wpo_weights, 2 * B),
+        ("chosen_token_logp_sum", chosen_token_logp_sum, B),
+        ("chosen_token_count", chosen_token_count, B),
+    ):
+        if value is not None:
+            check_pair_vector(value, name, size, device)
+    if config.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
+        needing = [name for name in config.loss_types if name in LENGTH_NORMALISED_LOSSES]
+        raise ValueError(f"loss_type {needing} needs chosen_lengths and rejected_lengths (completion-token counts)")
+    if not config.has_sft:
+        return None
+    count = chosen_lengths if chosen_token_count is None else chosen_token_count
+    if count is None:
+        raise ValueError("loss_type 'sft' needs chosen_token_count (or chosen_lengths)")
+    return count

@@ -1,0 +1,456 @@
+"""Plain PyTorch reference of all of dpo_kernels' math: the oracle of the tests and the fallback backend.
+
+Dtype-generic and differentiable with autograd: call it on float64 inputs for the test oracle. Everything follows
+TRL 1.16 (`shared/spec/dpo_losses.md`), except where TRL crashes or returns NaN on a finite problem; those places
+say so in their docstrings:
+
+- `discopop` evaluates exp(−z)·σ(z/τ) as exp(−z + logσ(z/τ)): finite for z < −88.7, where TRL 1.16 returns NaN.
+- WPO weights work with `hinge` and `sft` (TRL 1.16 fails on an in-place multiply there).
+- the alpha divergence accepts float64 (TRL 1.16 raises KeyError); its clamp is 80 for every dtype but float16 (11).
+- `sft` over a batch without chosen completion tokens gives 0 instead of 0/0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from dpo_kernels import losses as L
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token log-probs
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of softmax(logits / T), shaped like the labels; 0 (False) at ignored positions.
+
+    Only `entropy` carries a gradient (as in TRL).
+    """
+
+    entropy: torch.Tensor  # −Σ_v p_v log p_v
+    mean_logit: torch.Tensor  # mean_v logits_v / T
+    is_top1: torch.Tensor  # bool: the label is the first argmax
+    log_sum_sq_probs: torch.Tensor  # log Σ_v p_v² (for WPO)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """log_softmax(logits / temperature)[label] in fp32 (float64 for float64 logits); exactly 0 where ignored."""
+    L.check_logits_labels(logits, labels, ignore_index)
+    temperature = L.check_temperature(temperature)
+    x = logits.to(_out_dtype(logits.dtype)) / temperature
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0).unsqueeze(-1)
+    lse = torch.logsumexp(x, dim=-1)
+    logps = (x.gather(-1, safe).squeeze(-1) - lse).masked_fill(ignored, 0.0)
+    if not return_stats:
+        return logps
+    p = torch.exp(x - lse.unsqueeze(-1))
+    # Where p = 0 (a −inf logit) p·x is 0·(−inf): mask x itself, not the product, so the gradient stays finite.
+    x_where_p = torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    entropy = lse - (p * x_where_p).sum(-1)
+    with torch.no_grad():
+        mean_logit = x.mean(-1)
+        is_top1 = x.argmax(-1) == labels  # torch.argmax returns the first maximal index: TRL's tie rule
+        log_sum_sq_probs = torch.logsumexp(2.0 * (x - lse.unsqueeze(-1)), dim=-1)
+    stats = TokenStats(
+        entropy=entropy.masked_fill(ignored, 0.0),
+        mean_logit=mean_logit.masked_fill(ignored, 0.0),
+        is_top1=is_top1 & ~ignored,
+        log_sum_sq_probs=log_sum_sq_probs.masked_fill(ignored, 0.0),
+    )
+    return logps, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token → sequence sums
+
+
+class SequenceStats(NamedTuple):
+    """Per-sequence sums of the token statistics over scored tokens (is_top1 counted), with the token counts."""
+
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    is_top1: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    n_tokens: torch.Tensor  # int64
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence log-probs: `logps` with LD-DPO weights (the plain sum without them), `raw_logps` always the
+    plain sum, `n_tokens` the scored-token counts (int64), `stats` the summed token statistics when given."""
+
+    logps: torch.Tensor
+    n_tokens: torch.Tensor
+    raw_logps: torch.Tensor
+    stats: SequenceStats | None = None
+
+
+def scored_mask(labels_or_mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Bool mask of scored tokens from labels (≠ ignore_index) or a mask (bool, or 0/1 of any dtype)."""
+    if labels_or_mask.dtype == torch.bool:
+        return labels_or_mask
+    if labels_or_mask.is_floating_point():
+        return labels_or_mask != 0
+    return labels_or_mask != ignore_index
+
+
+def _segment_ids(shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
+    """Sequence index of every token (flattened) and the number of sequences."""
+    if cu_seqlens is None:
+        S, T = shape
+        return torch.arange(S, device=device).repeat_interleave(T), S
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    S = lengths.numel()
+    return torch.arange(S, device=device).repeat_interleave(lengths), S
+
+
+def sequence_logps(
+    token_logps: torch.Tensor,
+    labels_or_mask: torch.Tensor,
+    *,
+    ld_alpha: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    token_stats: TokenStats | None = None,
+    ignore_index: int = -100,
+) -> SequenceLogps:
+    """Sums per-token log-probs over each sequence's scored tokens.
+
+    Padded: `token_logps` [S, T] with labels (or a mask) [S, T]. Packed: `token_logps` [N] with labels [N] and
+    `cu_seqlens` [S+1]. With `ld_alpha` (LD-DPO), sequences s and s + S/2 form a pair; the k-th scored token of a
+    sequence weighs 1 if k ≤ min(n_s, n_pair), else `ld_alpha`.
+    """
+    ld_alpha = L.check_ld_alpha(ld_alpha)
+    if not isinstance(token_logps, torch.Tensor) or not token_logps.is_floating_point():
+        raise TypeError(f"token_logps must be a floating-point tensor, got {L._describe(token_logps)}")
+    if labels_or_mask.shape != token_logps.shape:
+        raise ValueError(
+            f"labels_or_mask shape {tuple(labels_or_mask.shape)} must equal token_logps shape "
+            f"{tuple(token_logps.shape)}"
+        )
+    if cu_seqlens is None:
+        if token_logps.ndim != 2:
+            raise ValueError(
+                f"padded token_logps must be 2-D [S, T] (or pass cu_seqlens for packed rows), "
+                f"got shape {tuple(token_logps.shape)}"
+            )
+    else:
+        if token_logps.ndim != 1:
+            raise ValueError(f"packed token_logps must be 1-D [N], got shape {tuple(token_logps.shape)}")
+        L.check_cu_seqlens(cu_seqlens, token_logps.numel(), token_logps.device)
+    device = token_logps.device
+    seg, S = _segment_ids(token_logps.shape, cu_seqlens, device)
+    if ld_alpha is not None:
+        L.check_even_rows(S)
+    mask = scored_mask(labels_or_mask, ignore_index).reshape(-1)
+    lp = token_logps.reshape(-1) * mask
+
+    def seg_sum(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(S, dtype=values.dtype, device=device).index_add(0, seg, values)
+
+    n_tokens = seg_sum(mask.long())
+    raw = seg_sum(lp)
+    if ld_alpha is None:
+        weighted = raw
+    else:
+        B = S // 2
+        rank = torch.cumsum(mask.long(), 0) - (torch.cumsum(n_tokens, 0) - n_tokens)[seg]  # 1-based
+        shared = torch.minimum(n_tokens[:B], n_tokens[B:]).repeat(2)
+        weight = torch.where(rank <= shared[seg], 1.0, ld_alpha).to(lp.dtype)
+        weighted = seg_sum(lp * weight)
+    stats = None
+    if token_stats is not None:
+        stats = SequenceStats(*(seg_sum(t.reshape(-1).to(lp.dtype) * mask) for t in token_stats), n_tokens=n_tokens)
+    return SequenceLogps(logps=weighted, n_tokens=n_tokens, raw_logps=raw, stats=stats)
+
+
+def wpo_weights(seq: SequenceLogps) -> torch.Tensor:
+    """WPO weight of each sequence, exp(mean over its tokens of (log p − log Σ p²)), without gradient."""
+    if seq.stats is None:
+        raise ValueError("WPO weights need the token statistics: pass token_stats to sequence_logps")
+    n = seq.n_tokens.clamp(min=1).to(seq.raw_logps.dtype)
+    return torch.exp((seq.raw_logps - seq.stats.log_sum_sq_probs) / n).detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The preference losses
+
+
+@dataclass
+class DPOOutput:
+    """What every DPO entry point returns.
+
+    `losses` [K, B] holds each loss type's per-pair loss (WPO-weighted, before `loss_weights`; for aot the index
+    is the sorted rank); `loss` = Σ_k w_k · mean(losses[k]). Rewards are β · (policy − reference) log-ratios,
+    detached. `metrics` maps TRL's keys to 0-dim tensors.
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.logsigmoid(x)
+
+
+def f_divergence_score(x: torch.Tensor, config: L.LossConfig) -> torch.Tensor:
+    """The f-divergence map f(log-ratio) of spec §4 (identity for reverse_kl)."""
+    kind = L.F_DIVERGENCES[config.f_divergence_code]
+    if kind == "reverse_kl":
+        return x
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-x)
+    if kind == "js_divergence":
+        return math.log(2.0) + _log_sigmoid(x)
+    a = config.f_alpha_divergence_coef
+    clamp = 11.0 if x.dtype == torch.float16 else L.ALPHA_DIVERGENCE_CLAMP
+    return (torch.exp(torch.clamp((a - 1.0) * x, max=clamp)) - 1.0) / (a - 1.0)
+
+
+def _pair_losses(name: str, v: dict, config: L.LossConfig) -> torch.Tensor:
+    """Per-pair loss ℓ [B] of one loss type (spec §1). `v` holds the prepared inputs."""
+    beta, eps = config.beta, config.label_smoothing
+    z = beta * (v["sc"] - v["sr"])
+    if name == "sigmoid":
+        return -_log_sigmoid(z)
+    if name == "hinge":
+        return torch.relu(1.0 - z)
+    if name in ("ipo", "sigmoid_norm"):
+        u = v["sc"] / v["nc"] - v["sr"] / v["nr"]
+        return (u - 1.0 / (2.0 * beta)) ** 2 if name == "ipo" else -_log_sigmoid(beta * u)
+    if name == "exo_pair":
+        return torch.sigmoid(z) * (_log_sigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+            _log_sigmoid(-z) - math.log(eps)
+        )
+    if name == "nca_pair":
+        bc, br = beta * v["xc"], beta * v["xr"]
+        return -_log_sigmoid(bc) - 0.5 * _log_sigmoid(-bc) - 0.5 * _log_sigmoid(-br)
+    if name == "robust":
+        return (-(1.0 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    if name == "bco_pair":
+        return -_log_sigmoid(beta * v["xc"]) - _log_sigmoid(-beta * v["xr"])
+    if name == "sppo_hard":
+        return (v["xc"] - 1.0 / (2.0 * beta)) ** 2 + (v["xr"] + 1.0 / (2.0 * beta)) ** 2
+    if name in ("aot", "aot_unpaired"):
+        if name == "aot":
+            a, b = v["pc"] - v["pr"], v["rc"] - v["rr"]
+        else:
+            a, b = v["xc"], v["xr"]
+        d = beta * (torch.sort(a, stable=True).values - torch.sort(b, stable=True).values)
+        return -(1.0 - eps) * _log_sigmoid(d) - eps * _log_sigmoid(-d)
+    if name == "apo_zero":
+        return 1.0 - torch.sigmoid(beta * v["xc"]) + torch.sigmoid(beta * v["xr"])
+    if name == "apo_down":
+        xc, xr = v["xc"], v["xr"]
+        return torch.sigmoid(beta * xc) + 1.0 - torch.sigmoid(beta * (xc - xr))
+    if name == "discopop":
+        tau = config.discopop_tau
+        # exp(−z)·σ(z/τ) as one exponent: TRL's product is inf·0 = NaN for z < −88.7 (fp32).
+        return -_log_sigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(-z + _log_sigmoid(z / tau))
+    if name == "sft":
+        n = v["sft_count"].sum().clamp(min=1).to(v["sft_sum"].dtype)
+        return (-v["sft_sum"].sum() / n).expand(v["pc"].shape[0])
+    raise AssertionError(f"no formula for {name}")  # losses.LOSS_TYPES and this function disagree
+
+
+def stats_metrics(stats: SequenceStats) -> dict[str, torch.Tensor]:
+    """TRL's token-weighted metrics (logits/*, entropy, mean_token_accuracy) from per-sequence sums [2B]."""
+    B = L.check_even_rows(stats.n_tokens.shape[0])
+    n = stats.n_tokens.to(stats.entropy.dtype)
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+    return {
+        "logits/chosen": ratio(stats.mean_logit[:B].sum(), n[:B].sum()),
+        "logits/rejected": ratio(stats.mean_logit[B:].sum(), n[B:].sum()),
+        "entropy": ratio(stats.entropy.sum(), n.sum()).detach(),
+        "mean_token_accuracy": ratio(stats.is_top1[:B].sum(), n[:B].sum()),
+    }
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    loss_type: str | list[str] = "sigmoid",
+    loss_weights: list[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    wpo_weights: torch.Tensor | None = None,
+    chosen_token_logp_sum: torch.Tensor | None = None,
+    chosen_token_count: torch.Tensor | None = None,
+    sequence_stats: SequenceStats | None = None,
+) -> DPOOutput:
+    """TRL 1.16's DPO loss on per-sequence log-probs [B]; see `dpo_kernels.dpo_loss` for the arguments."""
+    config = L.loss_config(
+        loss_type,
+        loss_weights,
+        beta,
+        label_smoothing,
+        discopop_tau,
+        f_divergence_type,
+        f_alpha_divergence_coef,
+        use_weighting=wpo_weights is not None,
+    )
+    pc, pr, rc, rr = (
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    sft_count = L.check_loss_inputs(
+        config,
+        pc,
+        pr,
+        rc,
+        rr,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        wpo_weights=wpo_weights,
+        chosen_token_logp_sum=chosen_token_logp_sum,
+        chosen_token_count=chosen_token_count,
+    )
+    dtype = torch.promote_types(torch.promote_types(pc.dtype, pr.dtype), torch.promote_types(rc.dtype, rr.dtype))
+    pc, pr, rc, rr = (t.to(dtype) for t in (pc, pr, rc, rr))
+    B = pc.shape[0]
+
+    v = {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "xc": pc - rc, "xr": pr - rr}
+    v["sc"], v["sr"] = f_divergence_score(v["xc"], config), f_divergence_score(v["xr"], config)
+    if config.needs_lengths:
+        v["nc"] = chosen_lengths.to(dtype).clamp(min=1)
+        v["nr"] = rejected_lengths.to(dtype).clamp(min=1)
+    if config.has_sft:
+        v["sft_sum"] = pc if chosen_token_logp_sum is None else chosen_token_logp_sum.to(dtype)
+        v["sft_count"] = sft_count
+    if wpo_weights is not None:
+        pair_weight = (wpo_weights[:B] * wpo_weights[B:]).detach().to(dtype)
+
+    terms = []
+    for name in config.loss_types:
+        ell = _pair_losses(name, v, config)
+        terms.append(ell * pair_weight if wpo_weights is not None else ell)
+    losses = torch.stack(terms)
+    loss = sum(w * ell.mean() for w, ell in zip(config.loss_weights, terms))
+
+    chosen_rewards = (config.beta * v["xc"]).detach()
+    rejected_rewards = (config.beta * v["xr"]).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(dtype).mean(),
+        "logps/chosen": pc.detach().mean(),
+        "logps/rejected": pr.detach().mean(),
+    }
+    if sequence_stats is not None:
+        metrics.update(stats_metrics(sequence_stats))
+    return DPOOutput(
+        loss=loss,
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=pc,
+        rejected_logps=pr,
+        metrics=metrics,
+    )
+
+
+def dpo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    reference_free: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+    token_logps_fn=None,
+    **loss_options,
+) -> DPOOutput:
+    """token_logps → sequence_logps → dpo_loss; see `dpo_kernels.dpo_loss_from_logits` for the arguments.
+
+    `token_logps_fn` swaps in another backend's per-token log-prob function (same signature as `token_logps`).
+    """
+    token_fn = token_logps if token_logps_fn is None else token_logps_fn
+
+    def sequences(x: torch.Tensor, with_stats: bool) -> SequenceLogps:
+        out = token_fn(x, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats)
+        lp, stats = out if with_stats else (out, None)
+        return sequence_logps(
+            lp, labels, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, ignore_index=ignore_index
+        )
+
+    rc, rr = reference_logps(
+        ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, lambda: sequences(ref_logits, False).logps
+    )
+    seq = sequences(logits, return_stats or use_weighting)
+    B = L.check_even_rows(seq.logps.shape[0])
+    if rc is None:  # reference-free
+        rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
+    return dpo_loss(
+        seq.logps[:B],
+        seq.logps[B:],
+        rc,
+        rr,
+        chosen_lengths=seq.n_tokens[:B],
+        rejected_lengths=seq.n_tokens[B:],
+        chosen_token_logp_sum=seq.raw_logps[:B],
+        chosen_token_count=seq.n_tokens[:B],
+        wpo_weights=wpo_weights(seq) if use_weighting else None,
+        sequence_stats=seq.stats if return_stats else None,
+        **loss_options,
+    )
+
+
+def reference_logps(ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, compute):
+    """Resolves the three ways to give the reference: precomputed [B] log-probs, `ref_logits` (run through
+    `compute()` without gradient), or `reference_free=True` (returns (None, None): zeros)."""
+    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
+    if given[0] != given[1]:
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    ways = given[0] + (ref_logits is not None) + bool(reference_free)
+    if ways != 1:
+        raise ValueError(
+            "give the reference exactly one way: ref_chosen_logps and ref_rejected_logps, or ref_logits, "
+            "or reference_free=True"
+        )
+    if reference_free:
+        return None, None
+    if ref_logits is not None:
+        with torch.no_grad():
+            ref = compute()
+        B = L.check_even_rows(ref.shape[0])
+        return ref[:B], ref[B:]
+    return ref_chosen_logps, ref_rejected_logps

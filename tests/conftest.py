@@ -1,0 +1,81 @@
+"""Everything global to the tests: the one tolerance table, NaN poisoning, offline hub, the device fixture.
+
+The Triton tests run on the CPU through Triton's interpreter: `TRITON_INTERPRET=1` must be in the environment of
+the pytest process before triton is first imported (the Makefile sets it); it is not set from here.
+"""
+
+import os
+import zlib
+
+# Outputs the kernels forget to write come out NaN instead of stale memory (see ops/_config.empty_f32).
+os.environ.setdefault("DPO_KERNELS_POISON", "1")
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+# Triton kernels run where there is a GPU, or on the CPU under the interpreter.
+TRITON_AVAILABLE = HAS_CUDA or INTERPRET
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# --- The tolerance table (STYLE.md §6). Loosening an entry needs a comment that says why. ---
+# fp32 outputs (log-probs, lse, sequence sums, losses, metrics) against the float64 reference on the same inputs
+# (bf16/fp16 inputs upcast exactly), whatever the input dtype.
+OUT_TOL = {"atol": 1e-5, "rtol": 1e-5}
+# Gradients, in the input dtype, against the float64 reference gradient rounded to that dtype: one rounding of
+# each side apart at most, so the dtype's machine epsilon.
+GRAD_TOL = {
+    torch.float32: {"atol": 1e-6, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-6, "rtol": torch.finfo(torch.bfloat16).eps},
+    torch.float16: {"atol": 1e-7, "rtol": torch.finfo(torch.float16).eps},
+    torch.float64: {"atol": 1e-12, "rtol": 1e-10},
+}
+
+
+def assert_out_close(out: torch.Tensor, ref: torch.Tensor, **override) -> None:
+    """fp32 output vs the float64 reference (OUT_TOL)."""
+    tol = {**OUT_TOL, **override}
+    torch.testing.assert_close(out.double(), ref.double(), equal_nan=True, **tol)
+
+
+def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, out_pt: torch.Tensor | None = None) -> None:
+    """Gradient in its own dtype vs the float64 reference gradient rounded to that dtype (GRAD_TOL); with `out_pt`
+    (plain torch in the same dtype) also flash-attn's rule: error ≤ 2 · torch's error + atol."""
+    tol = GRAD_TOL[out.dtype]
+    torch.testing.assert_close(out, ref.to(out.dtype), equal_nan=True, **tol)
+    if out_pt is not None:
+        err = (out.double() - ref.double()).abs().max().item()
+        err_pt = (out_pt.double() - ref.double()).abs().max().item()
+        assert err <= 2 * err_pt + tol["atol"], f"max error {err:.3g} > 2 × torch's {err_pt:.3g} + atol"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA; `triton` tests need CUDA or the interpreter. Skips say why, never silently."""
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh)"))
+        elif "triton" in item.keywords and not TRITON_AVAILABLE:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU or TRITON_INTERPRET=1"))
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+# Fresh random inputs on every run; DPO_KERNELS_SEED=<the seed in the header> replays a run.
+RUN_SEED = int(os.environ.get("DPO_KERNELS_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    return f"dpo_kernels: DPO_KERNELS_SEED={RUN_SEED} TRITON_INTERPRET={int(INTERPRET)} cuda={HAS_CUDA}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    torch.manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
