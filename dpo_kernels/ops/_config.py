@@ -17,8 +17,37 @@ def empty_f32(*shape: int, device: torch.device | str) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def logprobs_launch_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for the row kernels of ops/logprobs.py."""
-    block_v = min(triton.next_power_of_2(V), 4096 if dtype == torch.float32 else 8192)
-    num_warps = 4 if block_v <= 2048 else 8 if block_v <= 4096 else 16
+def logprobs_launch_config(
+    V: int, dtype: torch.dtype, *, backward: bool = False, stats: bool = False
+) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for the kernels of ops/logprobs.py.
+
+    Sized for Hopper from first principles and the sm_90 register counts of ptxas (to be confirmed
+    by bench/bench_logprobs.py on a card):
+    - forward, one program per row: 64 bytes of logits per thread per block (four 16-byte loads)
+      with the next block in flight, 8 warps: 8192 bf16/fp16 or 4096 fp32 columns, 64 registers,
+      four programs per SM. With stats, 32 bytes (80 registers, three programs per SM).
+    - backward, one program per (row, block), an elementwise kernel: 32 bytes read and 32 written
+      per thread, 8 warps: 4096 bf16/fp16 or 2048 fp32 columns, 32-48 registers.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_thread = (32 if backward or stats else 64) // itemsize  # elements per thread per block
+    block_v = min(triton.next_power_of_2(V), per_thread * 32 * 8)
+    num_warps = max(1, min(8, block_v // (per_thread * 32)))
     return block_v, num_warps
+
+
+def segments_launch_config(N: int, S: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) for ops/segments.py: one program per sequence loops over its tokens
+    in BLOCK_T chunks, sized from the mean sequence length (the real lengths would need a sync)."""
+    mean_len = triton.cdiv(max(N, 1), max(S, 1))
+    block_t = min(max(triton.next_power_of_2(mean_len), 16), 1024)
+    num_warps = max(1, min(4, block_t // 128))
+    return block_t, num_warps
+
+
+def dpo_launch_config(B: int) -> tuple[int, int]:
+    """(BLOCK_B, num_warps) for ops/dpo.py: one program loops over the pairs in BLOCK_B blocks."""
+    block_b = min(max(triton.next_power_of_2(B), 16), 1024)
+    num_warps = 4 if block_b <= 256 else 8
+    return block_b, num_warps

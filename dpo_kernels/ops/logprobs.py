@@ -1,0 +1,261 @@
+"""Per-token log-probabilities from logits, with optional softmax statistics: forward and backward.
+
+Row i has logits z = logits[i] / T over V columns and a label y. With lse = logsumexp_v z_v and
+p_v = exp(z_v - lse):
+
+    logp     = z_y - lse
+    entropy  = -sum_v p_v log p_v = lse - sum_v p_v z_v
+    mean     = (1/V) sum_v z_v
+    is_top1  = 1 if y is the first argmax of z (z_y >= max and > every earlier z, TRL), else 0
+    log_sum_sq_probs = log sum_v p_v^2
+
+Forward: one program per row, one pass in BLOCK_V chunks. Every 16-byte piece of a chunk (VEC
+columns) belongs to one thread, which keeps a running max m and sums of 2^t over the columns of its
+pieces, t = x * log2(e) / T - c with c = fp32(m * log2(e) / T) (one FMA per logit; when m grows the
+sums are rescaled by 2^(c_old - c_new)); the pieces are merged after the loop. With l = sum 2^t,
+S1 = sum 2^t t and S2 = sum 2^(2t) relative to the row's max:
+
+    logp    = ln2 (t_y - log2 l)            entropy          = ln2 (log2 l - S1 / l)
+    lse     = m / T + ln2 (log2 l - (m log2(e) / T - c))
+    log_sum_sq_probs = ln2 (log2 S2 - 2 log2 l)
+
+No output is a difference of two numbers of the logits' size, so they stay exact for logits of 1e4.
+Bytes: reads the logits once (N·V·itemsize), writes 8·N (+16·N with the stats); ignored rows are not
+read. One exp2 per logit (+1/VEC for the rescaling), about 7.5 instructions per bf16 logit on sm_90.
+
+Backward: one program per (row, BLOCK_V block); recomputes p from the saved lse and writes, in the
+logits' dtype,
+
+    dlogits_v = [g_y (1[v = y] - p_v) - g_H p_v (z_v - (lse - entropy))] / T
+
+with the target entry formed in fp32 before its one rounding. Bytes: reads the logits and writes the
+gradient (2·N·V·itemsize); ignored rows write zeros without reading. With inplace=True the gradient
+overwrites the logits (each program reads its block before writing it). p carries the rounding
+error of the fp32 lse as a relative error: half an ulp of lse, 4e-6 at |lse| = 100, 5e-4 at 1e4.
+
+NaN policy: a NaN or +inf logit, or a row of -inf only, makes that row's log-prob, entropy,
+is_top1, log_sum_sq_probs and gradient NaN; a label outside [0, V) that is not ignore_index gives
+a NaN log-prob, is_top1 and gradient row. -inf logits elsewhere are fine (p = 0 there); finite
+logits below -1e30 count as -inf.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dpo_kernels.ops._config import empty_f32, logprobs_launch_config
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logps_ptr, lse_ptr, stats_ptr,  # pointers; stats [4, N]
+    stride_logits_row,  # strides
+    N, V, ignore_index, inv_temperature, log2e_over_t,  # sizes and scalars
+    RETURN_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+):  # fmt: skip
+    # One program per row: reads the row once (not at all if ignored), writes logp, lse (+ 4 stats).
+    # A block is a [BLOCK_V // VEC, VEC] tile of 16-byte pieces dealt round-robin to the threads; a
+    # piece's running max and sums stay in its thread: the loop never communicates between threads.
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16384 x 128256
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logps_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if RETURN_STATS:
+            for k in tl.static_range(4):
+                tl.store(stats_ptr + k * N + row, 0.0)
+    else:
+        row_ptr = logits_ptr + row * stride_logits_row
+        in_range = (label >= 0) & (label < V)
+        x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
+        offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        # Per piece: max m, c = fp32(m * log2(e) / T), sum of 2^t. m starts at -1e30, not -inf: c
+        # stays finite, so -inf logits and padding never make an -inf - -inf = NaN.
+        m_p = tl.full([BLOCK_V // VEC], -1e30, tl.float32)
+        c_p = m_p * log2e_over_t
+        l_p = tl.zeros([BLOCK_V // VEC], tl.float32)
+        if RETURN_STATS:
+            s1_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum 2^t t
+            s2_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum 2^(2t)
+            sx_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum x
+            before_p = tl.full([BLOCK_V // VEC], -float("inf"), tl.float32)  # max of x[:label]
+        # -inf padding: exp2 of it is 0 and it never wins a max
+        x_next = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf"))
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            # Issue the next block's load before reducing this one: two blocks in flight.
+            x = x_next.to(tl.float32)
+            x_next = tl.load(row_ptr + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=-float("inf"))
+            block_max = tl.max(x, 1)
+            m_new = tl.maximum(m_p, block_max)
+            c_new = m_new * log2e_over_t
+            alpha = tl.exp2(c_p - c_new)
+            t = tl.fma(x, log2e_over_t, -c_new[:, None])
+            e = tl.exp2(t)
+            if RETURN_STATS:
+                # Old terms of sum 2^t t move by c_p - c_new. At -inf columns e * t must be 0, not
+                # 0 * -inf: t is clamped at -256, where 2^t is 0 already.
+                s1_p = alpha * (s1_p + l_p * (c_p - c_new)) + tl.sum(e * tl.maximum(t, -256.0), 1)
+                s2_p = s2_p * (alpha * alpha) + tl.sum(e * e, 1)
+                sx_p += tl.sum(tl.where(cols < V, x, 0.0), 1)
+                if start + BLOCK_V <= label:
+                    before_p = tl.maximum(before_p, block_max)
+                elif start <= label:  # the block that holds the label
+                    x_before = tl.where(cols < label, x, -float("inf"))
+                    before_p = tl.maximum(before_p, tl.max(x_before, 1))
+            l_p = l_p * alpha + tl.sum(e, 1)
+            m_p = m_new
+            c_p = c_new
+        # Merge the pieces: the row's max m, c = fp32(m * log2(e) / T), sums relative to c.
+        m = tl.max(m_p, 0)
+        c = m * log2e_over_t
+        alpha = tl.exp2(c_p - c)
+        sum_exp = tl.sum(l_p * alpha, 0)
+        log2_sum = tl.log2(sum_exp)  # -inf for a row of -inf only: logp = -inf - -inf = NaN
+        logp = (tl.fma(x_label, log2e_over_t, -c) - log2_sum) * 0.6931471805599453
+        logp = tl.where(in_range, logp, float("nan"))
+        # The sums are relative to c, which is m * log2(e) / T less its rounding (exact by an FMA).
+        lse = m * inv_temperature + (log2_sum - tl.fma(m, log2e_over_t, -c)) * 0.6931471805599453
+        tl.store(logps_ptr + row, logp)
+        tl.store(lse_ptr + row, lse)
+        if RETURN_STATS:
+            s1 = tl.sum((s1_p + l_p * (c_p - c)) * alpha, 0)
+            s2 = tl.sum(s2_p * (alpha * alpha), 0)
+            entropy = (log2_sum - s1 / sum_exp) * 0.6931471805599453
+            mean_logit = tl.sum(sx_p, 0) * inv_temperature / V
+            is_top1 = (x_label >= m) & (x_label > tl.max(before_p, 0))
+            # NaN where logp is (a NaN row, a bad label)
+            is_top1 = tl.where(logp == logp, tl.where(is_top1, 1.0, 0.0), float("nan"))
+            log_sum_sq = (tl.log2(s2) - 2.0 * log2_sum) * 0.6931471805599453
+            tl.store(stats_ptr + row, entropy)
+            tl.store(stats_ptr + N + row, mean_logit)
+            tl.store(stats_ptr + 2 * N + row, is_top1)
+            tl.store(stats_ptr + 3 * N + row, log_sum_sq)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, grad_logps_ptr, grad_entropy_ptr, entropy_ptr,  # pointers
+    dlogits_ptr,
+    stride_logits_row, stride_dlogits_row,  # strides
+    V, NUM_BLOCKS, ignore_index, inv_temperature,  # sizes and scalars
+    HAS_GRAD_LOGPS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # One program per (row, block of BLOCK_V columns), row-major so that consecutive programs touch
+    # consecutive memory: reads the block of logits (not for an ignored row), writes its gradient.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NUM_BLOCKS
+    cols = (pid - row * NUM_BLOCKS).to(tl.int32) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    dx_ptrs = dlogits_ptr + row * stride_dlogits_row + cols
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(dx_ptrs, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty), mask=mask)
+    else:
+        x_ptrs = logits_ptr + row * stride_logits_row + cols
+        x = tl.load(x_ptrs, mask=mask, other=-float("inf")).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        # z - lse in one rounding (FMA): p carries only the error of lse's own fp32 rounding.
+        p = tl.exp2(tl.fma(x, inv_temperature, -lse) * 1.4426950408889634)
+        dx = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if HAS_GRAD_LOGPS:
+            g = tl.load(grad_logps_ptr + row) * inv_temperature
+            g = tl.where((label >= 0) & (label < V), g, float("nan"))
+            dx = tl.where(cols == label, g, 0.0) - g * p
+        if HAS_GRAD_ENTROPY:
+            g_h = tl.load(grad_entropy_ptr + row) * inv_temperature
+            mean_z = lse - tl.load(entropy_ptr + row)  # E_p[z]
+            # p (z - E z) is 0 where p is 0, also at -inf logits (not 0 * -inf).
+            dx -= g_h * p * tl.where(p > 0.0, x * inv_temperature - mean_z, 0.0)
+        tl.store(dx_ptrs, dx.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    assert logits.ndim == 2 and logits.stride(1) == 1, "ops expect [N, V] logits, unit vocab stride"
+    assert labels.shape == logits.shape[:1], "ops expect labels [N]"
+    return logits.shape
+
+
+def logprobs_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """logits [N, V] (unit vocab stride, any row stride), labels [N] int → (logps, lse, stats).
+
+    All fp32. logps [N]: 0 at ignored rows, NaN where the label is outside [0, V); lse [N]: 0 at
+    ignored rows; stats [4, N] (None unless return_stats): entropy, mean logit, is_top1 (1.0 / 0.0),
+    log sum_v p_v^2, 0 at ignored rows. All on logits / temperature.
+    """
+    N, V = _check_rows(logits, labels)
+    logps = empty_f32(N, device=logits.device)
+    lse = empty_f32(N, device=logits.device)
+    stats = empty_f32(4, N, device=logits.device) if return_stats else None
+    if N == 0:
+        return logps, lse, stats
+    BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
+    VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
+    _logprobs_fwd_kernel[(N,)](
+        logits, labels.contiguous(), logps, lse, stats if return_stats else logps,
+        logits.stride(0),
+        N, V, ignore_index, 1.0 / temperature, LOG2E / temperature,
+        RETURN_STATS=return_stats, BLOCK_V=BLOCK_V, VEC=VEC, num_warps=num_warps,
+    )  # fmt: skip
+    return logps, lse, stats
+
+
+def logprobs_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """d(sum_i grad_logps[i] logp[i] + grad_entropy[i] entropy[i]) / d logits, in the logits' dtype.
+
+    lse (and entropy, with grad_entropy) are the forward's fp32 [N] outputs. Returns dlogits [N, V]
+    with zero rows at ignored labels; with inplace=True it is written into the logits' own storage
+    (same strides) and the logits are returned.
+    """
+    N, V = _check_rows(logits, labels)
+    assert grad_entropy is None or entropy is not None, "grad_entropy needs the forward's entropy"
+    if inplace:
+        dlogits = logits
+    elif os.environ.get("DPO_KERNELS_POISON") == "1":  # as empty_f32: unwritten entries show
+        dlogits = torch.full((N, V), float("nan"), dtype=logits.dtype, device=logits.device)
+    else:
+        dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return dlogits
+    BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, backward=True)
+    num_blocks = triton.cdiv(V, BLOCK_V)
+    # Absent inputs pass lse as a placeholder pointer: the kernel never reads it (HAS_* False).
+    _logprobs_bwd_kernel[(N * num_blocks,)](
+        logits, labels.contiguous(), lse,
+        lse if grad_logps is None else grad_logps.contiguous(),
+        lse if grad_entropy is None else grad_entropy.contiguous(),
+        lse if entropy is None else entropy.contiguous(),
+        dlogits,
+        logits.stride(0), dlogits.stride(0),
+        V, num_blocks, ignore_index, 1.0 / temperature,
+        HAS_GRAD_LOGPS=grad_logps is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )  # fmt: skip
+    return dlogits
