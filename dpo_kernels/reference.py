@@ -170,11 +170,15 @@ def sequence_logps(
         B = S // 2
         rank = torch.cumsum(mask.long(), 0) - (torch.cumsum(n_tokens, 0) - n_tokens)[seg]  # 1-based
         shared = torch.minimum(n_tokens[:B], n_tokens[B:]).repeat(2)
-        weight = torch.where(rank <= shared[seg], 1.0, ld_alpha).to(lp.dtype)
+        # (a float32 α rounded up to float64 would be off by 1e-8: build the weights in lp's dtype)
+        alpha = torch.tensor(ld_alpha, dtype=lp.dtype, device=device)
+        weight = torch.where(rank <= shared[seg], torch.ones_like(alpha), alpha)
         weighted = seg_sum(lp * weight)
     stats = None
     if token_stats is not None:
-        stats = SequenceStats(*(seg_sum(t.reshape(-1).to(lp.dtype) * mask) for t in token_stats), n_tokens=n_tokens)
+        stats = SequenceStats(
+            *(seg_sum(torch.where(mask, t.reshape(-1).to(lp.dtype), 0.0)) for t in token_stats), n_tokens=n_tokens
+        )
     return SequenceLogps(logps=weighted, n_tokens=n_tokens, raw_logps=raw, stats=stats)
 
 
