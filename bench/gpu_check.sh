@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, for a lent H100/H200 (device tool), about 6 minutes:
+#   bash bench/gpu_check.sh            # on the device machine, from the repository root
+# 1. the Triton tests compiled for the card (`triton` and `gpu` markers: the big shapes, N·V > 2^31);
+# 2. the benchmarks, peers beside our kernels, floors measured in the same run;
+# 3. one results table: bench/results/<date>-<card>-gpu_check.md (copied to $OUT when the device tool sets it).
+# The machine's own torch/triton are used (no install): the header records their versions.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Peers' wheels (trl, liger-kernel, cut-cross-entropy) carried in .whl/ (device README: carry = [".whl"]).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+day=$(date +%F)
+table="bench/results/${day}-${card}-gpu_check.md"
+log=$(mktemp)
+{
+  echo "# GPU check, ${day}, ${card}"
+  python3 -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}')"
+  echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo
+  echo '## Tests (`pytest -m "triton or gpu"`)'
+  echo '```'
+  timeout 240 python3 -m pytest -q -m "triton or gpu" -p no:cacheprovider tests 2>&1 | tail -n 15
+  echo '```'
+  for bench in "bench.bench_logprobs" "bench.bench_dpo" "bench.bench_dpo --from-hidden"; do
+    echo
+    echo "## python -m ${bench}"
+    echo '```'
+    timeout 150 python3 -m ${bench} --save 2>&1 | tail -n 40
+    echo '```'
+  done
+} 2>&1 | tee "$log"
+cp "$log" "$table"
+[ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_check.md" && cp bench/results/"${day}"-* "$OUT/" 2>/dev/null
+echo "wrote $table"
