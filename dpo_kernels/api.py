@@ -8,12 +8,14 @@ Backends (the one place that picks them is `_pick_backend`):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from dpo_kernels import chunked
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
 from dpo_kernels.reference import DPOOutput, SequenceLogps, SequenceStats, TokenStats
@@ -595,6 +597,275 @@ def dpo_loss_from_logits(
         chosen_logps=sums[0, :B],
         rejected_logps=sums[0, B:],
         metrics=_metrics(metrics, stats),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# linear_token_logps (fused lm_head)
+
+
+def _full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2-sharded DTensor → the whole tensor (all-gathered; differentiable: its backward reduce-scatters the
+    gradient back to the shards), as TRL does. Plain tensors pass through (tied embeddings: the same Parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale) -> tuple[float | None, float]:
+    """Shapes, dtypes, devices and the transform's scalars; labels in range (one host read, as for the logits)."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {L._describe(t)}")
+    if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
+    if hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must have shape [..., H] with H = {weight.shape[1]}, got {tuple(hidden.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {L._describe(bias)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    # the label checks of the logits path, on a [..., V] stand-in that costs no memory
+    stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
+    L.check_logits_labels(stand_in, labels, ignore_index, name="hidden @ weightᵀ")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    logit_scale = float(logit_scale)
+    if not (logit_scale > 0 and math.isfinite(logit_scale)):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale}")
+    return softcap, logit_scale
+
+
+def _linear_backend(hidden: torch.Tensor, backend: str | None) -> str:
+    """Returns "triton" or "chunked"; unlike `_pick_backend`, no native CPU kernel exists here (none is built)."""
+    if backend is None:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        use_triton = hidden.is_cuda or (interpret and hidden.device.type == "cpu")
+    elif backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    else:
+        use_triton = backend == "triton" and _pick_backend(hidden, "triton") == "triton"
+    return "triton" if use_triton and hidden.dtype != torch.float64 else "chunked"
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, options, return_stats):
+        from dpo_kernels.ops import linear_logprobs
+
+        logps, lse, stats = linear_logprobs.linear_logprobs_fwd(
+            hidden, weight, labels, bias=bias, **options, return_stats=return_stats
+        )
+        if stats is None:
+            stats = logps.new_empty(0, hidden.shape[0])
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, stats)
+        ctx.options = options
+        return logps, stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_stats):
+        from dpo_kernels.ops import linear_logprobs
+
+        hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
+        has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
+        grad_hidden, grad_weight, grad_bias = linear_logprobs.linear_logprobs_bwd(
+            hidden,
+            weight,
+            labels,
+            lse,
+            grad_logps.float().contiguous() if grad_logps is not None else None,
+            bias=bias,
+            **ctx.options,
+            grad_entropy=grad_stats[0].float().contiguous() if has_entropy_grad else None,
+            entropy=stats[0] if has_entropy_grad else None,
+            weight_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """Per-token log-probs straight from the last hidden states: the lm_head fused in, the logits never built.
+
+    z = transform(hidden @ weightᵀ + bias) with transform(y) = y · logit_scale / temperature, or
+    (softcap / temperature) · tanh(y · logit_scale / softcap) with a final-logit softcap (Gemma 2); then
+    log_softmax(z)[label] in fp32, as `token_logps` on those logits. Ignored positions cost nothing.
+
+    Args:
+        hidden: [..., H] float16 / bfloat16 / float32 (float64 runs the chunked torch path); unit stride along H
+            (else one copy), any other strides (e.g. `hidden[:, :-1]`).
+        weight: [V, H] output layer (the tied embedding works as is); an FSDP2 DTensor is gathered with
+            `full_tensor()`. Cast to hidden's dtype when it differs (a copy, as autocast would).
+        labels: [...] integer, in [0, V) or `ignore_index` (exactly 0 there, no gradient).
+        bias: optional [V] output bias.
+        temperature, softcap, logit_scale: the logit transform (TRL's DPO uses temperature 1.0).
+        return_stats: also return `TokenStats` on z (entropy, mean logit, is_top1, log Σ p²); only the entropy
+            carries a gradient.
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" / "cpu" (the chunked torch path).
+
+    Returns:
+        fp32 log-probs shaped like `labels` (float64 for float64 hidden), and the stats when asked; differentiable
+        with respect to hidden, weight and bias (fp32 accumulation, no skipped blocks).
+
+    Example:
+        >>> h = model.model(input_ids).last_hidden_state                       # [2B, T, H]
+        >>> shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position scores nothing
+        >>> lp = dk.linear_token_logps(h, model.lm_head.weight, shifted)      # [2B, T]
+        (`h[:, :-1]` with `labels[:, 1:]` gives the same values, but its rows are not evenly strided: one copy of the
+        hidden states, N·H·itemsize bytes.)
+    """
+    weight, bias = _full_tensor(weight), _full_tensor(bias)
+    softcap, logit_scale = _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale)
+    temperature = L.check_temperature(temperature)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    H = hidden.shape[-1]
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    rows = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    rows = rows.reshape(-1, H)  # a view for evenly strided rows, else a copy
+    flat_labels = labels.reshape(-1).long()
+    options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    if _linear_backend(hidden, backend) == "triton":
+        logps, stats = _LinearTokenLogps.apply(
+            rows, weight, None if bias is None else bias.contiguous(), flat_labels, options, return_stats
+        )
+    else:
+        logps, stats = chunked.chunked_linear_token_logps(
+            rows, weight, flat_labels, bias=bias, **options, return_stats=return_stats
+        )
+    logps = logps.view(labels.shape)
+    if not return_stats:
+        return logps
+    return logps, TokenStats(
+        entropy=stats[0].view(labels.shape),
+        mean_logit=stats[1].detach().view(labels.shape),
+        is_top1=stats[2].detach().view(labels.shape) > 0.5,
+        log_sum_sq_probs=stats[3].detach().view(labels.shape),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dpo_loss_from_hidden
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    reference_free: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    backend: str | None = None,
+    **loss_options,
+) -> DPOOutput:
+    """TRL 1.16's DPO loss from the policy's last hidden states and output layer, never building the logits.
+
+    The same as `dpo_loss_from_logits(transform(hidden @ weightᵀ + bias), labels, ...)`: `linear_token_logps`,
+    then `sequence_logps`, then `dpo_loss` (the per-sequence math is [2B]-sized).
+
+    Args:
+        hidden: padded [2B, T, H] (chosen rows first, then rejected rows) or packed [N, H] with `cu_seqlens`,
+            already aligned with `labels` (hidden[..., t] predicts labels[..., t]): pass the whole hidden states
+            with labels shifted left by one and `ignore_index` in the last column (no copy), or hidden[:, :-1]
+            with labels[:, 1:] (one copy of the hidden states).
+        weight, bias: the policy's output layer (see `linear_token_logps`).
+        labels: [2B, T] or [N], `ignore_index` outside the completions.
+        ref_chosen_logps, ref_rejected_logps: [B] precomputed reference log-probs; or `ref_hidden` (the reference
+            model's hidden states, used without gradient, through `ref_weight` / `ref_bias`, which default to the
+            policy's `weight` / `bias`, e.g. a frozen shared head under PEFT); or `reference_free=True`.
+        softcap, logit_scale, temperature: the logit transform, for the policy and the reference alike.
+        cu_seqlens, ld_alpha, use_weighting, return_stats, **loss_options: as in `dpo_loss_from_logits`.
+
+    Returns:
+        `DPOOutput`; `loss` is differentiable with respect to hidden, weight and bias.
+
+    Example:
+        >>> h = policy.model(input_ids).last_hidden_state
+        >>> shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        >>> out = dk.dpo_loss_from_hidden(h, policy.lm_head.weight, shifted, ref_c, ref_r, beta=0.1)
+        >>> out.loss.backward()
+    """
+    L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
+    ld_alpha = L.check_ld_alpha(ld_alpha)
+    if cu_seqlens is None and hidden.ndim != 3:
+        raise ValueError(
+            f"hidden must be padded [2B, T, H], or packed [N, H] with cu_seqlens; got shape {tuple(hidden.shape)}"
+        )
+    if cu_seqlens is not None and hidden.ndim != 2:
+        raise ValueError(f"packed hidden (with cu_seqlens) must be [N, H], got shape {tuple(hidden.shape)}")
+    if ref_hidden is not None and ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
+        )
+    chosen = _linear_backend(hidden, backend)
+    small = "triton" if chosen == "triton" else "reference"  # backend of the [N]- and [2B]-sized steps
+    transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+
+    def sequences(h, w, b, with_stats: bool) -> R.SequenceLogps:
+        out = linear_token_logps(h, w, labels, bias=b, **transform, return_stats=with_stats, backend=backend)
+        lp, stats = out if with_stats else (out, None)
+        return sequence_logps(
+            lp,
+            labels,
+            ld_alpha=ld_alpha,
+            cu_seqlens=cu_seqlens,
+            token_stats=stats,
+            ignore_index=ignore_index,
+            backend=small,
+        )
+
+    def reference_sequences() -> torch.Tensor:
+        w, b = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+        return sequences(ref_hidden, w, b, False).logps
+
+    rc, rr = R.reference_logps(ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, reference_sequences)
+    seq = sequences(hidden, weight, bias, return_stats or use_weighting)
+    B = L.check_even_rows(seq.logps.shape[0])
+    if rc is None:  # reference-free
+        rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
+    return dpo_loss(
+        seq.logps[:B],
+        seq.logps[B:],
+        rc,
+        rr,
+        **loss_options,
+        chosen_lengths=seq.n_tokens[:B],
+        rejected_lengths=seq.n_tokens[B:],
+        chosen_token_logp_sum=seq.raw_logps[:B],
+        chosen_token_count=seq.n_tokens[:B],
+        wpo_weights=R.wpo_weights(seq) if use_weighting else None,
+        sequence_stats=seq.stats if return_stats else None,
+        backend=small,
     )
 
 

@@ -103,5 +103,26 @@ def _interpreter_rounds_bf16() -> None:
     interpreter.InterpreterBuilder.cast_impl = rounding_cast_impl
 
 
+def _interpreter_bf16_dot() -> None:
+    """Triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits (numpy has no bf16).
+    Widen them to fp32 first: exact, like the GPU's bf16 products, summed in fp32."""
+    import numpy as np
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def bf16_create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), acc, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = bf16_create_dot
+
+
 if INTERPRET:
     _interpreter_rounds_bf16()
+    _interpreter_bf16_dot()

@@ -317,3 +317,82 @@ def test_bad_input_dpo_loss(backend, change, error, message):
     tensors = [args.pop(k) for k in ("pc", "pr", "rc", "rr")]
     with pytest.raises(error, match=message):
         dk.dpo_loss(*tensors, **args, backend=backend)
+
+
+# --- the fused lm_head entry point ------------------------------------------------------------------------------
+
+HIDDEN_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="sigmoid"),
+        pytest.param(
+            {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5, "return_stats": True},
+            id="sft-ld-stats",
+        ),
+        pytest.param({"loss_type": "ipo", "use_weighting": True}, id="ipo-wpo"),
+    ],
+)
+def test_dpo_loss_from_hidden(backend, options):
+    """Against the float64 logits built explicitly: softcap(hidden @ weightᵀ + bias), then the reference."""
+    B, T, Hdim, V, softcap = 2, 7, 16, 45, 3.0
+    _, labels, rc, rr = _batch(B, T, V, torch.float32)
+    hidden, weight, bias = torch.randn(2 * B, T, Hdim), torch.randn(V, Hdim) * 0.5, torch.randn(V)
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = dk.dpo_loss_from_hidden(
+        inputs[0],
+        inputs[1],
+        labels,
+        rc.float(),
+        rr.float(),
+        bias=inputs[2],
+        softcap=softcap,
+        backend=backend,
+        **options,
+    )
+    grads = torch.autograd.grad(out.loss, inputs)
+
+    inputs_ref = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = softcap * torch.tanh((inputs_ref[0] @ inputs_ref[1].T + inputs_ref[2]) / softcap)
+    out_ref = R.dpo_loss_from_logits(logits, labels, rc, rr, **options)
+    grads_ref = torch.autograd.grad(out_ref.loss, inputs_ref)
+
+    assert_out_close(out.loss, out_ref.loss)
+    assert out.metrics.keys() == out_ref.metrics.keys()
+    for key in out.metrics:
+        assert_out_close(out.metrics[key], out_ref.metrics[key])
+    for g, g_ref in zip(grads, grads_ref):
+        assert_out_close(g, g_ref)  # fp32 gradients out of short GEMMs (K ≤ 45): within the fp32 output tolerance
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_dpo_loss_from_hidden_reference_model(backend):
+    B, T, Hdim, V = 2, 6, 8, 30
+    _, labels, _, _ = _batch(B, T, V, torch.float32)
+    hidden, ref_hidden, weight = torch.randn(2 * B, T, Hdim), torch.randn(2 * B, T, Hdim), torch.randn(V, Hdim)
+    ref_seq = R.sequence_logps(R.token_logps(ref_hidden.double() @ weight.double().T, labels), labels)
+    rc, rr = ref_seq.logps[:B], ref_seq.logps[B:]
+    from_hidden = dk.dpo_loss_from_hidden(hidden, weight, labels, ref_hidden=ref_hidden, backend=backend)
+    precomputed = dk.dpo_loss_from_hidden(hidden, weight, labels, rc.float(), rr.float(), backend=backend)
+    assert_out_close(from_hidden.loss, precomputed.loss)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"hidden": torch.randn(4, 5, 7)}, ValueError, "hidden must have shape \\[..., H\\] with H = 8"),
+        ({"weight": torch.randn(13)}, ValueError, "weight must have shape \\[V, H\\]"),
+        ({"bias": torch.randn(12)}, ValueError, "bias must be a \\[13\\] tensor"),
+        ({"softcap": -1.0}, ValueError, "softcap must be None or a finite number > 0"),
+        ({"hidden": torch.randn(4, 5, 8).long()}, TypeError, "hidden must be a floating-point tensor"),
+        ({"labels": torch.full((4, 5), 13)}, ValueError, "labels must be in \\[0, 13\\)"),
+    ],
+)
+def test_bad_input_from_hidden(change, error, message):
+    args = {"hidden": torch.randn(4, 5, 8), "weight": torch.randn(13, 8), "labels": torch.randint(0, 13, (4, 5))}
+    args.update(change)
+    with pytest.raises(error, match=message):
+        dk.dpo_loss_from_hidden(args.pop("hidden"), args.pop("weight"), args.pop("labels"), reference_free=True, **args)

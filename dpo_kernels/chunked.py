@@ -1,0 +1,180 @@
+"""Per-token log-probs from hidden states in plain PyTorch, tile by tile: the fallback of the fused lm_head.
+
+The same math and tiling as `ops/linear_logprobs.py`, for CPU tensors (and any device without the Triton
+kernels), so that a training script has one code path. For a token chunk × vocabulary chunk tile:
+
+    y = hidden[rows] @ weight[cols]ᵀ (+ bias[cols]),   z = transform(y)   (fp32; float64 for float64 inputs)
+
+folded into per-token running sums with an online maximum m (natural base here): l = Σ e^(z-m),
+s1 = Σ e^(z-m) (z-m), s2 = Σ e^(2(z-m)), Σ z, the label's z and the first argmax, giving
+
+    logp = z_y - lse,  lse = m + log l,  entropy = log l - s1 / l,  log Σ p² = log s2 - 2 log l.
+
+The logits never exist beyond one tile. Only the scored tokens (label != ignore_index) are computed (index_select
+of their rows, results scattered back). The backward recomputes every tile and accumulates grad_hidden and
+grad_weight in fp32 (float64 for float64 inputs):
+
+    dz = g (1[v = y] - p) - gH p (z - (lse - entropy)),   dy = dz · dz/dy,   dH += dy W,  dW += dyᵀ h,  db += Σ dy
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+TOKEN_CHUNK = 2048
+VOCAB_CHUNK = 16384  # 2048 x 16384 fp32 tiles: 128 MiB each, a few alive at a time
+
+
+class _Options(NamedTuple):
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    logit_scale: float
+    return_stats: bool
+    token_chunk: int
+    vocab_chunk: int
+
+
+def logit_transform(
+    y: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """z = y · scale / T, or (softcap / T) · tanh(y · scale / softcap); and dz/dy (a float without softcap)."""
+    if softcap is None:
+        return y * (logit_scale / temperature), logit_scale / temperature
+    u = y * (logit_scale / softcap)
+    # 1 / cosh² rather than 1 - tanh²: no cancellation where tanh is near ±1 (cosh overflows to inf → 0 there)
+    return torch.tanh(u) * (softcap / temperature), torch.cosh(u).pow(-2) * (logit_scale / temperature)
+
+
+def _tiles(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, opts: _Options, compute):
+    """Yields (v0, v1, w, z, dz/dy) over the vocabulary chunks for one token chunk (already in `compute`)."""
+    V = weight.shape[0]
+    for v0 in range(0, V, opts.vocab_chunk):
+        v1 = min(V, v0 + opts.vocab_chunk)
+        w = weight[v0:v1].to(compute)
+        y = hidden_rows @ w.T
+        if bias is not None:
+            y += bias[v0:v1].to(compute)
+        z, dz_dy = logit_transform(y, temperature=opts.temperature, softcap=opts.softcap, logit_scale=opts.logit_scale)
+        yield v0, v1, w, z, dz_dy
+
+
+def _label_column(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """z at each row's label when the label falls in [v0, v1), else 0."""
+    inside = (labels >= v0) & (labels < v1)
+    col = (labels - v0).clamp(0, v1 - v0 - 1)
+    return torch.where(inside, z.gather(1, col[:, None]).squeeze(1), torch.zeros((), dtype=z.dtype))
+
+
+class _ChunkedLinearTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: _Options):
+        compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        N, V = hidden.shape[0], weight.shape[0]
+        scored = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+        logps = hidden.new_zeros(N, dtype=compute)
+        lse = hidden.new_zeros(N, dtype=compute)
+        stats = hidden.new_zeros(4 if opts.return_stats else 0, N, dtype=compute)
+        for t0 in range(0, scored.numel(), opts.token_chunk):
+            rows = scored[t0 : t0 + opts.token_chunk]
+            h, y_lab = hidden.index_select(0, rows).to(compute), labels[rows]
+            n = rows.numel()
+            m = h.new_full((n,), -float("inf"))
+            l_i, s1, s2, sx, zy = (h.new_zeros(n) for _ in range(5))
+            arg = torch.zeros(n, dtype=torch.long, device=h.device)
+            for v0, v1, _, z, _ in _tiles(h, weight, bias, opts, compute):
+                tile_max = z.amax(1)
+                arg = torch.where(tile_max > m, v0 + z.argmax(1), arg)  # strictly larger: the first argmax
+                m_new = torch.maximum(m, tile_max)
+                shift = torch.where(m == -float("inf"), 0.0, m - m_new)  # the first tile: sums are 0, keep them
+                alpha = shift.exp()
+                t = z - m_new[:, None]
+                e = t.exp()
+                s1 = alpha * (s1 + l_i * shift) + (e * t).sum(1)
+                s2 = alpha * alpha * s2 + (e * e).sum(1)
+                sx += z.sum(1)
+                l_i = alpha * l_i + e.sum(1)
+                zy += _label_column(z, y_lab, v0, v1)
+                m = m_new
+            in_range = (y_lab >= 0) & (y_lab < V)
+            log_l = l_i.log()
+            logps[rows] = torch.where(in_range, zy - m - log_l, float("nan"))
+            lse[rows] = m + log_l
+            if opts.return_stats:
+                is_top1 = torch.where(in_range, (arg == y_lab).to(compute), float("nan"))
+                stats[:, rows] = torch.stack([log_l - s1 / l_i, sx / V, is_top1, s2.log() - 2.0 * log_l])
+        ctx.save_for_backward(hidden, weight, bias, labels, scored, lse, stats)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse)
+        return logps, lse, stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_lse, grad_stats):
+        hidden, weight, bias, labels, scored, lse, stats = ctx.saved_tensors
+        opts = ctx.opts
+        compute = lse.dtype
+        has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
+        grad_hidden = torch.zeros(hidden.shape, dtype=compute, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=compute, device=bias.device)
+        V = weight.shape[0]
+        for t0 in range(0, scored.numel(), opts.token_chunk):
+            rows = scored[t0 : t0 + opts.token_chunk]
+            h, y_lab, lse_c = hidden.index_select(0, rows).to(compute), labels[rows], lse[rows, None]
+            g = torch.zeros(rows.numel(), dtype=compute, device=h.device)
+            if grad_logps is not None:
+                g = torch.where((y_lab >= 0) & (y_lab < V), grad_logps[rows].to(compute), float("nan"))
+            if has_entropy_grad:
+                g_h = grad_stats[0, rows].to(compute)[:, None]
+                mean_z = lse_c - stats[0, rows, None]  # E_p[z] = lse - entropy
+            dh = torch.zeros_like(h)
+            for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
+                p = (z - lse_c).exp()
+                dz = -g[:, None] * p
+                inside = (y_lab >= v0) & (y_lab < v1)
+                dz[inside, y_lab[inside] - v0] += g[inside]
+                if has_entropy_grad:
+                    dz -= g_h * p * (z - mean_z)
+                dy = dz * dz_dy
+                dh += dy @ w
+                grad_weight[v0:v1] += dy.T @ h
+                if grad_bias is not None:
+                    grad_bias[v0:v1] += dy.sum(0)
+            grad_hidden[rows] = dh
+        return (
+            grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype),
+            None if bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def chunked_linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    token_chunk: int = TOKEN_CHUNK,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of `labels` under softmax(transform(hidden @ weightᵀ + bias)), differentiable.
+
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N] → (logps [N], stats [4, N] or None) in fp32
+    (float64 for float64 hidden): stats rows entropy, mean logit, is_top1 (1.0 / 0.0), log Σ p², 0 at ignored
+    rows; only logps and the entropy carry gradients (to hidden, weight and bias, in their dtypes). Semantics of
+    `ops.linear_logprobs.linear_logprobs_fwd`; one host synchronisation (the scored rows) per call.
+    """
+    opts = _Options(
+        ignore_index, float(temperature), softcap, float(logit_scale), return_stats, token_chunk, vocab_chunk
+    )
+    logps, _, stats = _ChunkedLinearTokenLogps.apply(hidden, weight, bias, labels, opts)
+    return logps, (stats if return_stats else None)

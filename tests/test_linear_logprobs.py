@@ -1,0 +1,386 @@
+"""ops/linear_logprobs.py launchers and dpo_kernels.chunked against the explicit float64 oracle.
+
+The oracle builds the logits: z = transform(hidden.double() @ weight.double().T + bias), then runs
+`reference.token_logps` on them and differentiates in float64. All kernel calls of a test run first, then the
+asserts. Interpreter shapes stay tiny (N <= 40, H <= 32, V <= 200); real vocabularies are under `gpu`.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, GRAD_TOL, assert_out_close
+
+from dpo_kernels import reference
+from dpo_kernels.chunked import chunked_linear_token_logps
+from dpo_kernels.ops import linear_logprobs as ops
+
+IGNORE = -100
+STAT_NAMES = ("entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
+
+# The gradients come out of GEMMs: grad_hidden = dy · W, grad_weight = dyᵀ · hidden with dy rounded to the input
+# dtype before the product (tensor cores multiply 16-bit operands) and an fp32 sum in another order than the
+# oracle's. The error of such a sum is bounded by the sum of the magnitudes of its terms, not by the magnitude of
+# the result (which cancellation can make arbitrarily small), so the table's element-wise rtol does not apply.
+# This is the one looser tolerance of the file:
+#     |out - ref| <= atol + eps(dtype) · |ref| + GEMM_RTOL[dtype] · (|dy| · |W|, |dy|ᵀ · |hidden|, Σ|dy|)
+# with eps(dtype) the final rounding, and GEMM_RTOL the rounding of dy to the dtype (half an ulp per term, doubled
+# for the fp32 sums) or, for fp32 inputs, the fp32 sum itself (K · 2^-24 with K up to 200 terms here).
+GEMM_RTOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: 1e-3}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs, the oracle, the two implementations
+
+
+TRANSFORMS = {  # (temperature, softcap, logit_scale, bias)
+    "plain": (1.0, None, 1.0, False),
+    "softcap-T-scale-bias": (0.7, 4.0, 1.3, True),  # Gemma-like softcap, TRL's temperature and a biased head
+}
+
+
+def _problem(N, H, V, dtype, *, bias=False, ignored=3):
+    """hidden [N, H], weight [V, H] (scaled so that the logits spread over a few units), bias, labels with the
+    edges: token 0 → column 0, token 1 → column V - 1, `ignored` tokens spread through the batch."""
+    hidden = torch.randn(N, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * (2.0 / H**0.5)).to(dtype)
+    b = torch.randn(V, device=DEVICE).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[0], labels[1] = 0, V - 1
+    if ignored:
+        labels[torch.linspace(2, N - 1, ignored).long()] = IGNORE
+    return hidden, weight, b, labels
+
+
+def _oracle(hidden, weight, bias, labels, g, g_h=None, *, temperature=1.0, softcap=None, logit_scale=1.0, upcast=True):
+    """Explicit logits in float64 (upcast=False: plain torch in the inputs' dtype) → reference.token_logps.
+
+    Returns (logps, lse, stats, grads, bounds): grads of Σ g·logp + g_h·entropy for hidden, weight (and bias);
+    bounds are the GEMM_RTOL magnitudes |dy|·|W|, |dy|ᵀ·|hidden| (and Σ|dy|), float64."""
+    cast = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach())
+    leaves = [cast(hidden).requires_grad_(), cast(weight).requires_grad_()]
+    if bias is not None:
+        leaves.append(cast(bias).requires_grad_())
+    y = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0.0)
+    z = y * logit_scale if softcap is None else softcap * torch.tanh(y * logit_scale / softcap)
+    logps, st = reference.token_logps(z, labels, ignore_index=IGNORE, temperature=temperature, return_stats=True)
+    loss = (logps * g.to(logps.dtype)).sum()
+    if g_h is not None:
+        loss = loss + (st.entropy * g_h.to(logps.dtype)).sum()
+    *grads, dy = torch.autograd.grad(loss, leaves + [y])
+    lse = torch.logsumexp(z.detach().double() / temperature, dim=-1)
+    dy, h, w = dy.double().abs(), leaves[0].detach().double().abs(), leaves[1].detach().double().abs()
+    bounds = [dy @ w, dy.T @ h] + ([dy.sum(0)] if bias is not None else [])
+    return logps.detach(), lse, st, grads, bounds
+
+
+def _run(hidden, weight, bias, labels, g, g_h=None, *, temperature=1.0, softcap=None, logit_scale=1.0, config=None):
+    """Forward then backward through the launchers: (logps, lse, stats, grads)."""
+    opts = dict(bias=bias, ignore_index=IGNORE, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    logps, lse, st = ops.linear_logprobs_fwd(hidden, weight, labels, **opts, return_stats=True, config=config)
+    grads = ops.linear_logprobs_bwd(
+        hidden, weight, labels, lse, g, **opts, grad_entropy=g_h, entropy=st[0], config=config
+    )
+    return logps, lse, st, [t for t in grads if t is not None]
+
+
+def _run_chunked(hidden, weight, bias, labels, g, g_h=None, *, token_chunk=16, vocab_chunk=64, **options):
+    """The chunked torch path, by default with small chunks (several tiles each way): (logps, stats, grads)."""
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    logps, st = chunked_linear_token_logps(
+        leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None, ignore_index=IGNORE,
+        return_stats=True, token_chunk=token_chunk, vocab_chunk=vocab_chunk, **options,
+    )  # fmt: skip
+    loss = (logps * g).sum() + ((st[0] * g_h).sum() if g_h is not None else 0.0)
+    return logps.detach(), st.detach(), torch.autograd.grad(loss, leaves)
+
+
+def _assert_stats_close(st, st_ref, rows=slice(None)):
+    for k, name in enumerate(STAT_NAMES):
+        ref = getattr(st_ref, name).detach().double()[rows]
+        assert_out_close(st[k][rows], ref, msg=lambda m, name=name: f"stats.{name}: {m}")
+
+
+def _assert_gemm_grads_close(grads, grads_ref, bounds, grads_pt=None):
+    """Each gradient within GEMM_RTOL of the float64 one (see the table above), and, for 16-bit inputs, at most
+    2x as far from it as plain torch in the same dtype (flash-attn's rule) plus atol."""
+    for name, out, ref, bound, pt in zip(
+        ("hidden", "weight", "bias"), grads, grads_ref, bounds, grads_pt or [None] * 3
+    ):
+        dtype = out.dtype
+        atol = GRAD_TOL[dtype]["atol"]
+        err = (out.double() - ref.double()).abs()
+        allowed = atol + torch.finfo(dtype).eps * ref.double().abs() + GEMM_RTOL[dtype] * bound
+        worst = (err / allowed).nan_to_num(nan=float("inf")).max().item()
+        assert worst <= 1.0, f"grad_{name} ({dtype}): max error {err.max().item():.3g}, {worst:.3g}x the allowed"
+        if pt is not None and dtype != torch.float32:
+            err_pt = (pt.double() - ref.double()).abs().max().item()
+            assert err.max().item() <= 2 * err_pt + atol, (
+                f"grad_{name}: {err.max().item():.3g} > 2 × torch's {err_pt:.3g}"
+            )
+
+
+# A config with small tiles: 3 vocabulary splits, 4 backward chunks (the last one partial), H not a multiple of
+# block_k / block_h (masked reductions), several token blocks.
+SMALL_TILES = ops.LinearLaunchConfig(block_n=16, block_v=32, block_h=16, block_k=16, vocab_splits=3, vocab_chunk=64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+# N = 37 with V = 200: neither a multiple of a tile (the default config's 64 x 128 tiles: one partial token block,
+# one partial vocabulary tile).
+CASES = [pytest.param(dt, tf, id=f"N37-H32-V200-{dt}-{tf}") for dt in DTYPES for tf in TRANSFORMS]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype, transform", CASES)
+def test_linear_logprobs(dtype, transform):
+    temperature, softcap, logit_scale, has_bias = TRANSFORMS[transform]
+    opts = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    hidden, weight, bias, labels = _problem(37, 32, 200, DTYPES[dtype], bias=has_bias)
+    g, g_h = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    logps, lse, st, grads = _run(hidden, weight, bias, labels, g, g_h, **opts)
+    logps_ref, lse_ref, st_ref, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g, g_h, **opts)
+    grads_pt = _oracle(hidden, weight, bias, labels, g, g_h, **opts, upcast=False)[3]
+    scored = labels != IGNORE
+    assert logps.dtype == lse.dtype == st.dtype == torch.float32 and st.shape == (4, 37)
+    assert [t.dtype for t in grads] == [hidden.dtype] * len(grads)
+    assert_out_close(logps, logps_ref)
+    assert_out_close(lse[scored], lse_ref[scored])
+    _assert_stats_close(st, st_ref)
+    assert (logps[~scored] == 0).all() and (lse[~scored] == 0).all() and (st[:, ~scored] == 0).all()
+    _assert_gemm_grads_close(grads, grads_ref, bounds, grads_pt)
+    assert (grads[0][~scored] == 0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_linear_logprobs_many_tiles(dtype):
+    """Small tiles: the forward merges 3 vocabulary splits, the backward accumulates dH over 4 chunks in fp32,
+    and H = 24 leaves partial reduction and output tiles."""
+    opts = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
+    hidden, weight, bias, labels = _problem(40, 24, 200, DTYPES[dtype], bias=True, ignored=5)
+    g, g_h = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    logps, lse, st, grads = _run(hidden, weight, bias, labels, g, g_h, **opts, config=SMALL_TILES)
+    plain = ops.linear_logprobs_fwd(hidden, weight, labels, bias=bias, **opts, config=SMALL_TILES)
+    logps_ref, lse_ref, st_ref, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g, g_h, **opts)
+    scored = labels != IGNORE
+    assert_out_close(logps, logps_ref)
+    assert_out_close(plain[0], logps_ref)
+    assert plain[2] is None
+    assert_out_close(lse[scored], lse_ref[scored])
+    _assert_stats_close(st, st_ref)
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("which", ["logps", "entropy"])
+def test_linear_logprobs_one_upstream_grad(which):
+    """Only grad_logps, or only grad_entropy (grad_logps=None)."""
+    hidden, weight, bias, labels = _problem(20, 32, 100, torch.float32)
+    g = torch.randn(20, device=DEVICE)
+    zero = torch.zeros(20, device=DEVICE)
+    logps, lse, st = ops.linear_logprobs_fwd(hidden, weight, labels, return_stats=True)
+    if which == "logps":
+        grads = ops.linear_logprobs_bwd(hidden, weight, labels, lse, g)
+        *_, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g)
+    else:
+        grads = ops.linear_logprobs_bwd(hidden, weight, labels, lse, None, grad_entropy=g, entropy=st[0])
+        *_, grads_ref, bounds = _oracle(hidden, weight, bias, labels, zero, g)
+    assert grads[2] is None
+    _assert_gemm_grads_close(grads[:2], grads_ref, bounds)
+    # a frozen output layer: grad_hidden alone, the same values
+    frozen = ops.linear_logprobs_bwd(hidden, weight, labels, lse, g, weight_grad=False)
+    assert frozen[1] is None and frozen[2] is None
+    if which == "logps":
+        torch.testing.assert_close(frozen[0], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.triton
+def test_linear_logprobs_softcap_padding():
+    """Under a softcap every real logit sits near -softcap / T; the padding columns of the last vocabulary tile
+    (V = 100 of 128) would have tanh(0) = 0 and win the softmax unless they are -inf after the transform."""
+    hidden, weight, _, labels = _problem(8, 32, 100, torch.float32, ignored=0)
+    bias = torch.full((100,), -50.0, device=DEVICE)
+    opts = dict(bias=bias, softcap=2.0, ignore_index=IGNORE)
+    logps, lse, st = ops.linear_logprobs_fwd(hidden, weight, labels, **opts, return_stats=True)
+    logps_ref, lse_ref, st_ref = _oracle(hidden, weight, bias, labels, torch.ones(8, device=DEVICE), softcap=2.0)[:3]
+    assert_out_close(logps, logps_ref)
+    assert_out_close(lse, lse_ref)
+    _assert_stats_close(st, st_ref)
+
+
+@pytest.mark.triton
+def test_linear_logprobs_top1_ties():
+    """TRL's first-argmax rule across tiles and vocabulary splits: with zero hidden states the logits are the bias;
+    the maximum appears at columns 10, 150 (another split) and 195 (the last split, partial tile)."""
+    V = 200
+    hidden = torch.zeros(4, 16, device=DEVICE)
+    weight = torch.randn(V, 16, device=DEVICE)
+    bias = torch.randn(V, device=DEVICE).clamp(max=2.0)
+    bias[[10, 150, 195]] = 5.0
+    labels = torch.tensor([10, 150, 195, 3], device=DEVICE)
+    _, _, st = ops.linear_logprobs_fwd(hidden, weight, labels, bias=bias, return_stats=True, config=SMALL_TILES)
+    _, _, st_ref, *_ = _oracle(hidden, weight, bias, labels, torch.ones(4, device=DEVICE))
+    assert st[2].tolist() == [1.0, 0.0, 0.0, 0.0] == st_ref.is_top1.double().tolist()
+    equal = torch.zeros(V, device=DEVICE)  # equal logits: log p = -log V, entropy log V
+    logps, _, st = ops.linear_logprobs_fwd(hidden, weight, labels, bias=equal, return_stats=True, config=SMALL_TILES)
+    log_v = torch.full((4,), np.log(V), dtype=torch.float64)
+    assert_out_close(logps, -log_v)
+    assert_out_close(st[0], log_v)
+    assert_out_close(st[3], -log_v)
+    assert st[2].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.triton
+def test_linear_logprobs_strided_rows():
+    """Rows of wider tensors (hidden[:, :-1]-style views, a weight slice): any row stride, unit stride along H."""
+    N, H, V = 12, 32, 100
+    wide_h = torch.randn(N, H + 9, device=DEVICE, dtype=torch.bfloat16)
+    wide_w = (torch.randn(V, H + 5, device=DEVICE) * 0.3).to(torch.bfloat16)
+    hidden, weight = wide_h[:, 4 : 4 + H], wide_w[:, :H]
+    labels = _problem(N, H, V, torch.float32)[3]
+    g = torch.randn(N, device=DEVICE)
+    logps, lse, _, grads = _run(hidden, weight, None, labels, g)
+    logps_ref, _, _, grads_ref, bounds = _oracle(hidden, weight, None, labels, g)
+    assert_out_close(logps, logps_ref)
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+    assert grads[0].is_contiguous() and grads[1].is_contiguous()
+
+
+@pytest.mark.triton
+def test_linear_logprobs_ignored():
+    """Every token ignored: zeros everywhere, the weight gradient too (written, not left as poison); N = 0."""
+    hidden, weight, bias, _ = _problem(5, 16, 50, torch.bfloat16, bias=True)
+    labels = torch.full((5,), IGNORE, device=DEVICE)
+    g = torch.randn(5, device=DEVICE)
+    logps, lse, st, grads = _run(hidden, weight, bias, labels, g, g)
+    assert (logps == 0).all() and (st == 0).all() and all((t == 0).all() for t in grads)
+    empty = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    logps, lse, st, grads = _run(hidden[:0], weight, bias, empty, g[:0], g[:0])
+    assert logps.shape == lse.shape == (0,) and st.shape == (4, 0) and grads[0].shape == (0, 16)
+    assert all((t == 0).all() for t in grads[1:])
+
+
+@pytest.mark.triton
+def test_linear_logprobs_ignore_index_and_bad_labels():
+    """ignore_index=0 skips label 0; -100 is then out of range: NaN log-prob and is_top1 for that token (and a NaN
+    gradient, which reaches every weight row through the sum over tokens); the other tokens are exact."""
+    hidden, weight, _, _ = _problem(6, 32, 100, torch.float32)
+    labels = torch.tensor([0, 5, IGNORE, 99, 100, 7], device=DEVICE)
+    logps, _, st = ops.linear_logprobs_fwd(hidden, weight, labels, ignore_index=0, return_stats=True)
+    good = torch.tensor([1, 3, 5], device=DEVICE)
+    logps_ref = _oracle(hidden[good], weight, None, labels[good], torch.ones(3, device=DEVICE))[0]
+    assert logps[0] == 0 and (st[:, 0] == 0).all()
+    assert logps[[2, 4]].isnan().all() and st[2, [2, 4]].isnan().all()
+    assert_out_close(logps[good], logps_ref)
+
+
+@pytest.mark.triton
+def test_linear_logprobs_nan_hidden():
+    """A NaN in one hidden state: that token's outputs and grad_hidden row are NaN, the other tokens exact."""
+    hidden, weight, _, labels = _problem(6, 32, 100, torch.float32, ignored=0)
+    hidden[2, 7] = float("nan")
+    g = torch.randn(6, device=DEVICE)
+    logps, _, st, grads = _run(hidden, weight, None, labels, g)
+    good = torch.tensor([0, 1, 3, 4, 5], device=DEVICE)
+    logps_ref, _, st_ref, grads_ref, bounds = _oracle(hidden[good], weight, None, labels[good], g[good])
+    assert logps[2].isnan() and st[0, 2].isnan() and st[2, 2].isnan() and grads[0][2].isnan().all()
+    assert_out_close(logps[good], logps_ref)
+    _assert_stats_close(st[:, good], st_ref)
+    _assert_gemm_grads_close([grads[0][good]], grads_ref[:1], bounds[:1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the chunked torch path
+
+
+@pytest.mark.parametrize("dtype, transform", CASES)
+def test_chunked_linear_token_logps(dtype, transform):
+    temperature, softcap, logit_scale, has_bias = TRANSFORMS[transform]
+    opts = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    hidden, weight, bias, labels = _problem(37, 32, 200, DTYPES[dtype], bias=has_bias)
+    g, g_h = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    logps, st, grads = _run_chunked(hidden, weight, bias, labels, g, g_h, **opts)
+    logps_ref, _, st_ref, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g, g_h, **opts)
+    assert logps.dtype == st.dtype == torch.float32
+    assert_out_close(logps, logps_ref)
+    _assert_stats_close(st, st_ref)
+    # fp32 tiles, no rounding of dy: the fp32 table entry holds, except where cancellation leaves a result far
+    # below its terms; the GEMM rule covers both
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+    assert (grads[0][labels == IGNORE] == 0).all()
+
+
+def test_chunked_linear_token_logps_gradcheck():
+    """The hand-written backward (entropy term and softcap included) against finite differences, float64."""
+    hidden = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 2, IGNORE])
+
+    def fn(h, w, b):
+        logps, st = chunked_linear_token_logps(
+            h, w, labels, bias=b, temperature=0.7, softcap=2.0, logit_scale=1.3, return_stats=True,
+            token_chunk=3, vocab_chunk=3,
+        )  # fmt: skip
+        return logps, st[0]
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_chunked_linear_token_logps_edges():
+    """Every token ignored, a label out of range (NaN there, like the kernels), no stats requested."""
+    hidden, weight, _, _ = _problem(4, 8, 30, torch.float32)
+    logps, st = chunked_linear_token_logps(hidden, weight, torch.full((4,), IGNORE))
+    assert st is None and (logps == 0).all()
+    logps, st = chunked_linear_token_logps(hidden, weight, torch.tensor([1, 30, -1, IGNORE]), return_stats=True)
+    ref = torch.log_softmax(hidden.double() @ weight.double().T, -1)[0, 1]
+    assert_out_close(logps[0], ref)
+    assert logps[1:3].isnan().all() and st[2, 1:3].isnan().all() and logps[3] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real sizes (CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "N, H, V",
+    [
+        pytest.param(1000, 4096, 128256, id="N1000-H4096-V128256"),  # the anchor's H and V; N not a tile multiple
+        pytest.param(777, 2048, 151936, id="N777-H2048-V151936"),  # Qwen's vocabulary; two backward chunks
+    ],
+)
+def test_linear_logprobs_real_sizes(N, H, V):
+    hidden, weight, _, labels = _problem(N, H, V, torch.bfloat16, ignored=N // 4)
+    g, g_h = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    logps, lse, st, grads = _run(hidden, weight, None, labels, g, g_h, softcap=30.0)
+    logps_ref, lse_ref, st_ref, grads_ref, bounds = _oracle(hidden, weight, None, labels, g, g_h, softcap=30.0)
+    scored = labels != IGNORE
+    # H = 4096 fp32 products per logit: the sum's rounding, a few 1e-7 of |y|, reaches 1e-5 of the log-probs
+    assert_out_close(logps, logps_ref, atol=2e-5, rtol=2e-5)
+    assert_out_close(lse[scored], lse_ref[scored], atol=2e-5, rtol=2e-5)
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+def test_linear_logprobs_int64_offsets():
+    """V · H > 2^31 weight elements: offsets into the weight and its gradient past row 262144 need 64 bits. The
+    oracle is the chunked path in float64 (no [N, V] float64 logits); a few labels sit past that row."""
+    N, H, V = 48, 8192, 264000
+    hidden, weight, _, labels = _problem(N, H, V, torch.bfloat16, ignored=8)
+    labels[2:6] = torch.tensor([262144, 262999, V - 2, V - 1], device=DEVICE)
+    g = torch.randn(N, device=DEVICE)
+    logps, _, _, grads = _run(hidden, weight, None, labels, g)
+    ref = _run_chunked(hidden.double(), weight.double(), None, labels, g.double(), token_chunk=64, vocab_chunk=16384)
+    assert_out_close(logps, ref[0], atol=2e-5, rtol=2e-5)
+    # bf16 gradients: relative Frobenius error of each, and of the weight rows past 2^31 elements
+    tail = slice(262144, None)
+    pairs = [(grads[0], ref[2][0]), (grads[1], ref[2][1]), (grads[1][tail], ref[2][1][tail])]
+    for name, (out, r) in zip(("hidden", "weight", "weight tail"), pairs):
+        rel = ((out.double() - r).norm() / r.norm()).item()
+        assert rel < 4e-3, f"grad {name}: relative error {rel:.3g}"
