@@ -30,6 +30,11 @@ def _cpu() -> ModuleType:
     return cpu
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once instead of tracing a build
+def _cpu_available() -> bool:
+    return _cpu().available()
+
+
 def _pick_backend(tensor: torch.Tensor, backend: str | None) -> str:
     """CUDA → triton; CPU under TRITON_INTERPRET=1 → triton (interpreted); CPU → cpu when it builds, else
     reference; other devices → reference. `backend=` overrides the choice."""
@@ -39,7 +44,7 @@ def _pick_backend(tensor: torch.Tensor, backend: str | None) -> str:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if backend == "triton" and not (tensor.is_cuda or (interpret and tensor.device.type == "cpu")):
             raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {tensor.device}")
-        if backend == "cpu" and (tensor.device.type != "cpu" or not _cpu().available()):
+        if backend == "cpu" and (tensor.device.type != "cpu" or not _cpu_available()):
             raise ValueError(f"backend 'cpu' needs CPU tensors and the native extension (tensor on {tensor.device})")
         return backend
     if tensor.is_cuda:
@@ -47,7 +52,7 @@ def _pick_backend(tensor: torch.Tensor, backend: str | None) -> str:
     if tensor.device.type == "cpu":
         if interpret:
             return "triton"
-        if _cpu().available():
+        if _cpu_available():
             return "cpu"
     return "reference"
 
@@ -61,49 +66,132 @@ def _logprob_kernels(backend: str) -> ModuleType:
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] → [N, V] with unit vocab stride: a view when the rows are evenly strided, else a copy."""
-    V = logits.shape[-1]
+    """[..., V] → [N, V] with unit vocab stride: a view when the rows are evenly strided, else a copy (e.g. the
+    rows of logits[:, :-1] are not)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    try:
-        return logits.view(-1, V)
-    except RuntimeError:  # rows of a sliced tensor (e.g. logits[:, :-1]) are not evenly strided
-        return logits.reshape(-1, V)
+    return logits.reshape(-1, logits.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # token_logps
 
 
-class _TokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, kernels, ignore_index, temperature, return_stats, inplace_grad):
-        logps, lse, stats = kernels.logprobs_fwd(
-            logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
-        )
-        if stats is None:
-            stats = logps.new_empty(0, logits.shape[0])
-        ctx.save_for_backward(logits, labels, lse, stats)
-        ctx.options = (kernels, ignore_index, temperature, inplace_grad)
-        return logps, stats
+# The forward and backward are torch custom ops, so that torch.compile(fullgraph=True) keeps them in its graph.
+# The in-place backward is an op of its own that declares the mutation of the logits: autograd then refuses a
+# later reader of the overwritten logits instead of letting it read the gradient.
 
-    @staticmethod
-    def backward(ctx, grad_logps, grad_stats):
-        logits, labels, lse, stats = ctx.saved_tensors
-        kernels, ignore_index, temperature, inplace = ctx.options
-        has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
-        dlogits = kernels.logprobs_bwd(
-            logits,
-            labels,
-            lse,
-            grad_logps.float().contiguous() if grad_logps is not None else None,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            grad_entropy=grad_stats[0].float().contiguous() if has_entropy_grad else None,
-            entropy=stats[0] if has_entropy_grad else None,
-            inplace=inplace,
-        )
-        return dlogits, None, None, None, None, None, None
+
+@torch.library.custom_op("dpo_kernels::token_logps_fwd", mutates_args=())
+def _token_logps_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    backend: str,
+    ignore_index: int,
+    temperature: float,
+    return_stats: bool,
+    inplace_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logps, lse, stats = _logprob_kernels(backend).logprobs_fwd(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
+    )
+    return logps, lse, logps.new_empty(0, logits.shape[0]) if stats is None else stats
+
+
+@_token_logps_fwd.register_fake
+def _(logits, labels, backend, ignore_index, temperature, return_stats, inplace_grad):
+    N = logits.shape[0]
+    f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return f32(N), f32(N), f32(4 if return_stats else 0, N)
+
+
+@torch.library.custom_op("dpo_kernels::token_logps_bwd", mutates_args=())
+def _token_logps_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    backend: str,
+    ignore_index: int,
+    temperature: float,
+) -> torch.Tensor:
+    return _logprob_kernels(backend).logprobs_bwd(
+        logits,
+        labels,
+        lse,
+        grad_logps,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
+    )
+
+
+@_token_logps_bwd.register_fake
+def _(logits, labels, lse, grad_logps, grad_entropy, entropy, backend, ignore_index, temperature):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("dpo_kernels::token_logps_bwd_", mutates_args=("logits",))
+def _token_logps_bwd_inplace(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    backend: str,
+    ignore_index: int,
+    temperature: float,
+) -> None:
+    _logprob_kernels(backend).logprobs_bwd(
+        logits,
+        labels,
+        lse,
+        grad_logps,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
+        inplace=True,
+    )
+
+
+@_token_logps_bwd_inplace.register_fake
+def _(logits, labels, lse, grad_logps, grad_entropy, entropy, backend, ignore_index, temperature):
+    return None
+
+
+def _token_logps_setup(ctx, inputs, output):
+    logits, labels, backend, ignore_index, temperature, _, inplace_grad = inputs
+    _, lse, stats = output
+    ctx.save_for_backward(logits, labels, lse, stats)
+    ctx.options = (backend, ignore_index, temperature)
+    ctx.inplace_grad = inplace_grad
+
+
+def _token_logps_backward(ctx, grad_logps, _grad_lse, grad_stats):
+    logits, labels, lse, stats = ctx.saved_tensors
+    grad_entropy = grad_stats[0] if grad_stats is not None and stats.shape[0] > 0 else None
+    args = (
+        logits,
+        labels,
+        lse,
+        None if grad_logps is None else grad_logps.float().contiguous(),
+        None if grad_entropy is None else grad_entropy.float().contiguous(),
+        None if grad_entropy is None else stats[0],
+    )
+    if ctx.inplace_grad:
+        _token_logps_bwd_inplace(*args, *ctx.options)
+        dlogits = logits
+    else:
+        dlogits = _token_logps_bwd(*args, *ctx.options)
+    return dlogits, None, None, None, None, None, None
+
+
+_token_logps_fwd.register_autograd(_token_logps_backward, setup_context=_token_logps_setup)
 
 
 def token_logps(
@@ -146,9 +234,8 @@ def token_logps(
         )
     if inplace_grad and not logits.requires_grad:
         raise ValueError("inplace_grad=True needs logits that require grad")
-    kernels = _logprob_kernels(chosen)
     rows, flat_labels = _rows(logits), labels.reshape(-1).long()
-    logps, stats = _TokenLogps.apply(rows, flat_labels, kernels, ignore_index, temperature, return_stats, inplace_grad)
+    logps, _, stats = _token_logps_fwd(rows, flat_labels, chosen, ignore_index, temperature, return_stats, inplace_grad)
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps
@@ -489,6 +576,8 @@ class _DPOLossFromLogits(torch.autograd.Function):
             temperature=plan.temperature,
             inplace=plan.inplace_grad,
         )
+        if plan.inplace_grad:  # a later reader of the overwritten logits fails instead of reading the gradient
+            torch.autograd.graph.increment_version(logits)
         return dlogits, None, None, None, None, None
 
 

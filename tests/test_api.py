@@ -396,3 +396,42 @@ def test_bad_input_from_hidden(change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         dk.dpo_loss_from_hidden(args.pop("hidden"), args.pop("weight"), args.pop("labels"), reference_free=True, **args)
+
+
+# --- torch.compile and the in-place backward --------------------------------------------------------------------
+
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_token_logps_compiles_fullgraph(backend):
+    """The kernels are torch custom ops: a compiled graph keeps them (no graph break) and gives eager's numbers."""
+    torch._dynamo.reset()
+    logits = torch.randn(2, 5, 33)
+    labels = torch.randint(0, 33, (2, 5))
+    labels[0, :2] = -100
+    g_lp, g_ent = torch.randn(2, 5), torch.randn(2, 5)
+
+    def step(x):
+        lp, stats = dk.token_logps(x, labels, return_stats=True, backend=backend)
+        return (lp * g_lp).sum() + (stats.entropy * g_ent).sum()
+
+    x, x_eager = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(torch.compile(step, fullgraph=True)(x), x)
+    (grad_eager,) = torch.autograd.grad(step(x_eager), x_eager)
+    torch.testing.assert_close(grad, grad_eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("entry", ["token_logps", "dpo_loss_from_logits"])
+def test_inplace_grad_refuses_a_later_reader(backend, entry):
+    """tanh saves its output; overwriting it with the gradient must raise, not give tanh a wrong input."""
+    x = torch.randn(2, 4, 33, requires_grad=True)
+    labels = torch.randint(0, 33, (2, 4))
+    z = torch.tanh(x)
+    if entry == "token_logps":
+        loss = dk.token_logps(z, labels, inplace_grad=True, backend=backend).sum()
+    else:
+        loss = dk.dpo_loss_from_logits(z, labels, reference_free=True, inplace_grad=True, backend=backend).loss
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
