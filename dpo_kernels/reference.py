@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from dpo_kernels import losses as L
 
@@ -62,7 +61,8 @@ def token_logps(
     p = torch.exp(x - lse.unsqueeze(-1))
     # Where p = 0 (a −inf logit) p·x is 0·(−inf): mask x itself, not the product, so the gradient stays finite.
     x_where_p = torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    entropy = lse - (p * x_where_p).sum(-1)
+    # −Σ p (x − lse), not lse − Σ p x: the latter cancels when one logit dominates (a negative entropy in float64)
+    entropy = -(p * (x_where_p - lse.unsqueeze(-1))).sum(-1)
     with torch.no_grad():
         mean_logit = x.mean(-1)
         is_top1 = x.argmax(-1) == labels  # torch.argmax returns the first maximal index: TRL's tie rule
@@ -213,7 +213,10 @@ class DPOOutput:
 
 
 def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return F.logsigmoid(x)
+    """logσ(x), stable for any x (and, on small CPU tensors, much cheaper than F.logsigmoid's parallel kernel)."""
+    # One branch per sign, each fed only its own side so that no inf appears (and the gradient at 0 is σ(0)).
+    pos, neg = torch.clamp(x, min=0.0), torch.clamp(x, max=0.0)
+    return torch.where(x >= 0, -torch.log1p(torch.exp(-pos)), neg - torch.log1p(torch.exp(neg)))
 
 
 def f_divergence_score(x: torch.Tensor, config: L.LossConfig) -> torch.Tensor:
