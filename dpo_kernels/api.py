@@ -73,6 +73,16 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
+def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
+    """The kernels' [4, N] stats rows as `TokenStats` shaped like the labels; only the entropy keeps its graph."""
+    return TokenStats(
+        entropy=stats[0].view(shape),
+        mean_logit=stats[1].detach().view(shape),
+        is_top1=stats[2].detach().view(shape) > 0.5,
+        log_sum_sq_probs=stats[3].detach().view(shape),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # token_logps
 
@@ -239,12 +249,7 @@ def token_logps(
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps
-    return logps, TokenStats(
-        entropy=stats[0].view(labels.shape),
-        mean_logit=stats[1].detach().view(labels.shape),
-        is_top1=stats[2].detach().view(labels.shape) > 0.5,
-        log_sum_sq_probs=stats[3].detach().view(labels.shape),
-    )
+    return logps, _token_stats(stats, labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -842,12 +847,7 @@ def linear_token_logps(
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps
-    return logps, TokenStats(
-        entropy=stats[0].view(labels.shape),
-        mean_logit=stats[1].detach().view(labels.shape),
-        is_top1=stats[2].detach().view(labels.shape) > 0.5,
-        log_sum_sq_probs=stats[3].detach().view(labels.shape),
-    )
+    return logps, _token_stats(stats, labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""The native CPU backend: the C++ kernels of csrc/, built on first use, called as torch operators.
+
+`available()` builds the extension (or loads the cached build) once per process. The build needs a
+C++ compiler with OpenMP and ninja, takes about 40 s on two cores, and is cached per torch version,
+Python version and machine type under `$TORCH_EXTENSIONS_DIR/dpo_kernels`, else under
+`~/.cache/dpo_kernels` (`$XDG_CACHE_HOME` is honoured). The flags are portable (no `-march`): the
+kernels carry their own AVX-512 / AVX2 / baseline clones and pick one when the library loads, so a
+cache shared between machines stays correct.
+
+If the build fails, `available()` warns once and returns False, and the launchers below compute the
+same outputs with the plain PyTorch reference. `DPO_KERNELS_CPU_BACKEND=reference` forces that path.
+
+Sources: an installed package reads them from `dpo_kernels/csrc/` (package data), a source checkout
+from the repository's `csrc/`. The operators (`torch.ops.dpo_kernels.*`, schemas in csrc/ops.cpp)
+get their fake kernels here, so that torch.compile traces through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from dpo_kernels import reference
+
+__all__ = ["available", "logprobs_bwd", "logprobs_fwd"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = "dpo_kernels_cpu"
+_SOURCES = ("logprobs.cpp", "ops.cpp")
+# -fno-trapping-math lets GCC vectorise the selects of the row loops on AVX2 and SSE (it changes no
+# result: nothing reads the FP exception flags).
+_CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
+_LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None until the first available() call tries to build
+
+
+def available() -> bool:
+    """True when the native kernels are loaded; the first call builds or loads them."""
+    global _loaded
+    if os.environ.get("DPO_KERNELS_CPU_BACKEND", "").lower() == "reference":
+        return False
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _try_load()
+    return _loaded
+
+
+def _try_load() -> bool:
+    try:
+        _load()
+    except Exception as exc:  # no compiler, no ninja, a compile or load error: all fall back
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        warnings.warn(
+            f"dpo_kernels: the native CPU backend could not be built ({type(exc).__name__}: "
+            f"{reason}); falling back to the plain PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _source_dir() -> Path:
+    """The C++ sources: the package's own copy, else the source checkout's csrc/."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES):
+            return candidate
+    raise FileNotFoundError(f"no C++ sources {_SOURCES} in {package}/csrc or {package.parent}/csrc")
+
+
+def _build_dir() -> Path:
+    """One build per torch version, Python version and machine type."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        base = Path(root) / "dpo_kernels"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo_kernels"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"torch{torch.__version__}-{python}-{platform.machine()}"
+    return base / "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
+
+
+def _load() -> None:
+    from torch.utils import cpp_extension
+
+    sources = _source_dir()
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    if not (build / f"{_NAME}.so").exists():
+        logger.info("dpo_kernels: building the native CPU backend in %s (once, ~1 min)", build)
+    # is_python_module=False: loaded by torch.ops.load_library; its TORCH_LIBRARY defines the ops.
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(sources / name) for name in _SOURCES],
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels of the operators, for torch.compile's tracing (once per process)."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("dpo_kernels::logprobs_fwd")
+    def _(logits, labels, ignore_index, temperature, return_stats):
+        N = logits.shape[0]
+        logps = logits.new_empty((N,), dtype=torch.float32)
+        lse = logits.new_empty((N,), dtype=torch.float32)
+        stats = logits.new_empty((4 if return_stats else 0, N), dtype=torch.float32)
+        return logps, lse, stats
+
+    @torch.library.register_fake("dpo_kernels::logprobs_bwd")
+    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("dpo_kernels::logprobs_bwd_")
+    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature):
+        return None
+
+    _register_fakes.done = True
+
+
+def logprobs_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of `labels` under softmax(logits / temperature), as ops/logprobs.py.
+
+    Args:
+        logits: [N, V] float32/bfloat16/float16 on the CPU, unit stride on V, any row stride.
+        labels: [N] int64; rows equal to `ignore_index` are not read.
+    Returns:
+        (logps, lse, stats): fp32 [N], [N] and, with `return_stats`, [4, N] (entropy, mean_logit,
+        is_top1 as 1.0 / 0.0, log Σ p²) else None. Ignored rows give 0 everywhere; a label outside
+        [0, V) gives a NaN log-prob; a NaN or +inf logit makes its whole row NaN.
+    """
+    if not available():
+        return _reference_fwd(logits, labels, ignore_index, temperature, return_stats)
+    options = (int(ignore_index), float(temperature), bool(return_stats))
+    logps, lse, stats = torch.ops.dpo_kernels.logprobs_fwd(logits, labels, *options)
+    return logps, lse, stats if return_stats else None
+
+
+def logprobs_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """d/dlogits of the log-probs, plus the entropy's with `grad_entropy` and forward `entropy`.
+
+    dx_v = [g (1[v = y] − p_v) − g_H p_v (x_v − (lse − H))] / T, x = logits / T, p = exp(x − lse),
+    in the logits' dtype; zero rows where ignored, NaN rows where the label is outside [0, V). With
+    `inplace=True` the gradient overwrites the logits (rows must not overlap), which are returned.
+    """
+    if not available():
+        dx = _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature)
+        return logits.copy_(dx) if inplace else dx
+    grads = (lse, grad_logps, grad_entropy, entropy)
+    options = (int(ignore_index), float(temperature))
+    if inplace:
+        torch.ops.dpo_kernels.logprobs_bwd_(logits, labels, *grads, *options)
+        return logits
+    return torch.ops.dpo_kernels.logprobs_bwd(logits, labels, *grads, *options)
+
+
+# The fallback: the reference's math behind the launchers' interface (bad labels give NaN here too).
+
+
+def _bad_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return ((labels < 0) | (labels >= logits.shape[-1])) & (labels != ignore_index)
+
+
+def _reference_fwd(logits, labels, ignore_index, temperature, return_stats):
+    bad = _bad_labels(logits, labels, ignore_index)
+    safe = labels.masked_fill(bad, ignore_index)
+    options = dict(ignore_index=ignore_index, temperature=temperature)
+    out = reference.token_logps(logits, safe, return_stats=return_stats, **options)
+    logps, stats = out if return_stats else (out, None)
+    logps = logps.float().masked_fill(bad, float("nan"))
+    lse = torch.logsumexp(logits.float() / temperature, dim=-1)
+    lse = lse.masked_fill(safe == ignore_index, 0.0)
+    if stats is not None:
+        stats = torch.stack([s.float() for s in stats])
+    return logps, lse, stats
+
+
+def _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature):
+    bad = _bad_labels(logits, labels, ignore_index)
+    safe = labels.masked_fill(bad, ignore_index)
+    options = dict(ignore_index=ignore_index, temperature=temperature)
+    with torch.enable_grad():
+        x = logits.detach().float().requires_grad_(True)
+        logps, stats = reference.token_logps(x, safe, return_stats=True, **options)
+        pairs = [(logps, grad_logps), (stats.entropy, grad_entropy)]
+        pairs = [(out, grad.float()) for out, grad in pairs if grad is not None]
+        dx = torch.zeros_like(x)
+        if pairs:
+            outputs, grads = zip(*pairs)
+            (dx,) = torch.autograd.grad(outputs, x, grads)
+    return dx.masked_fill(bad.unsqueeze(-1), float("nan")).to(logits.dtype)
