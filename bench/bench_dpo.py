@@ -178,7 +178,7 @@ def run_hidden_case(pairs: int, T: int, V: int, Hdim: int, device: str, matmul_r
         row = _measure(name, call, device, floor_ms, flops, 1e12, math.nan)
         if row:
             rows.append(row)
-    title = f"DPO head from hidden  {str(dtype)[6:]}  B={pairs} pairs  T={T}  V={V}  H={Hdim}  (TFLOP/s in the GB/s column)"
+    title = f"DPO head from hidden  {str(dtype)[6:]}  B={pairs}  T={T}  V={V}  H={Hdim}  (TFLOP/s in the GB/s column)"
     return title, {"mode": "hidden", "pairs": pairs, "T": T, "V": V, "H": Hdim}, rows
 
 
