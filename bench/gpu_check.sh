@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a lent H100/H200 (device tool), about 6 minutes:
+# The one prepared GPU check, for a lent H100/H200 (device tool), about 8 minutes:
 #   bash bench/gpu_check.sh            # on the device machine, from the repository root
 # 1. the Triton tests compiled for the card (`triton` and `gpu` markers: the big shapes, N·V > 2^31);
 # 2. the benchmarks, peers beside our kernels, floors measured in the same run;
@@ -9,7 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# Peers' wheels (trl, liger-kernel, cut-cross-entropy) carried in .whl/ (device README: carry = [".whl"]).
+# Peers' wheels carried in .whl/ (device README: carry = [".whl"]): trl, liger-kernel, cut-cross-entropy, and
+# what trl needs beyond the machine's image (datasets, ...): bench_train_step and the trl providers skip without them.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
@@ -27,7 +28,7 @@ log=$(mktemp)
   echo '```'
   timeout 240 python3 -m pytest -q -m "triton or gpu" -p no:cacheprovider tests 2>&1 | tail -n 15
   echo '```'
-  for bench in "bench.bench_logprobs" "bench.bench_dpo" "bench.bench_dpo --from-hidden"; do
+  for bench in "bench.bench_logprobs" "bench.bench_dpo" "bench.bench_dpo --from-hidden" "bench.bench_train_step"; do
     echo
     echo "## python -m ${bench}"
     echo '```'

@@ -1,0 +1,508 @@
+"""dpo_kernels.integrations.trl.DPOTrainer against TRL 1.16's own DPOTrainer, on a tiny random Llama on the CPU.
+
+Each case builds both trainers from the same weights (policy and a different reference), the same pairs and the
+same DPOConfig, takes the same first batch, and compares one `compute_loss` + backward: the loss, every logged
+metric and the gradient of every parameter. Where TRL 1.16 itself fails (spec §5, §9), the test asserts that it
+does and compares ours with a float64 oracle instead (dpo_kernels.reference on float64 copies of the models).
+
+Tolerances (fp32 throughout): both sides run the same fp32 backbone; they differ in how the vocabulary projection
+and the log-softmax are evaluated (TRL: its chunked head over the scored rows; ours: the model's lm_head, then our
+kernels), i.e. in fp32 rounding only. Loss and metrics: OUT_TOL (atol = rtol = 1e-5). Gradients: rtol 1e-4 and
+atol 2e-5 · max(1, max |grad| of the tensor) — looser than GRAD_TOL's fp32 row (one kernel against one rounding of
+the fp64 gradient) because here two fp32 paths through a whole backward (lm_head, 2 layers, embeddings) are
+compared, and the 1-ulp differences of the summed log-probs (~2e-6 on sums of ~20) are amplified by exp() in the
+f-divergence scores and by ipo's square. Largest seen over 20 seeds: 5.6e-6 of the tensor's scale
+(ipo + alpha_divergence), 1.5e-6 without an f-divergence.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import OUT_TOL, RUN_SEED
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+
+GRAD_TOL_TRAINER = {"rtol": 1e-4, "atol": 2e-5}
+IGNORE = -100
+
+# (id, DPOConfig loss options). Every loss type once, with the parameters that make it non-trivial.
+LOSS_CASES = [
+    ("sigmoid", dict(loss_type=["sigmoid"])),
+    ("hinge", dict(loss_type=["hinge"])),
+    ("ipo", dict(loss_type=["ipo"])),
+    ("exo_pair", dict(loss_type=["exo_pair"], label_smoothing=0.1)),
+    ("nca_pair", dict(loss_type=["nca_pair"])),
+    ("robust", dict(loss_type=["robust"], label_smoothing=0.2)),
+    ("bco_pair", dict(loss_type=["bco_pair"])),
+    ("sppo_hard", dict(loss_type=["sppo_hard"])),
+    ("aot", dict(loss_type=["aot"], label_smoothing=0.1)),
+    ("aot_unpaired", dict(loss_type=["aot_unpaired"], label_smoothing=0.1)),
+    ("apo_zero", dict(loss_type=["apo_zero"])),
+    ("apo_down", dict(loss_type=["apo_down"])),
+    ("discopop", dict(loss_type=["discopop"], discopop_tau=0.5)),
+    ("sft", dict(loss_type=["sft"])),
+    ("sigmoid_norm", dict(loss_type=["sigmoid_norm"])),
+    # MPO-style mix: the same log-probs feed every term
+    ("mix", dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])),
+    # WPO weights and LD-DPO together (ld_alpha reaches the reference log-probs too)
+    ("wpo-ld_alpha", dict(loss_type=["sigmoid", "ipo"], use_weighting=True, ld_alpha=0.5)),
+    # f-divergences, on the losses where the additive constants do not cancel (per-length scores)
+    (
+        "ipo-alpha_divergence",
+        dict(loss_type=["ipo"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    ),
+    ("sigmoid_norm-js", dict(loss_type=["sigmoid_norm"], f_divergence_type="js_divergence")),
+    ("robust-forward_kl", dict(loss_type=["robust"], label_smoothing=0.1, f_divergence_type="forward_kl")),
+    ("precompute", dict(loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True, ld_alpha=0.7)),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: a word-level tokenizer, a tiny Llama policy and a different reference, four pairs
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(45)]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _pairs(empty_prompt: bool = False):
+    """Four pairs of different prompt and completion lengths (TRL appends </s> to each completion)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "prompt": ["" if empty_prompt else "w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w30", "w10"],
+            "chosen": [" w11 w12", " w13 w14 w15", " w16", " w17 w18 w19 w20 w31"],
+            "rejected": [" w21", " w22 w23", " w24 w25 w26", " w27 w28"],
+        }
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the shapes here are tiny, and on a busy 2-core machine every parallel region of a
+    second OpenMP thread waits for a core (a [8, 8, 32] linear takes 14 ms with 2 threads, 0.5 ms with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,  # log-probs far from uniform, so rewards and margins are not ~0
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    torch.manual_seed(RUN_SEED)
+    policy = LlamaForCausalLM(config)
+    # The reference: the policy moved a little (log-ratios of a few nats: f-divergence scores stay finite in fp32)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    return dict(tokenizer=tokenizer, policy=policy, ref=ref, out=str(tmp_path_factory.mktemp("trl")))
+
+
+def _args(setup, **options):
+    from trl import DPOConfig
+
+    defaults = dict(
+        output_dir=setup["out"],
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        bf16=False,  # fp32 on both sides: the comparison's tolerances are fp32's
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        beta=0.5,
+        seed=RUN_SEED % 2**31,
+        disable_tqdm=True,
+    )
+    return DPOConfig(**{**defaults, **options})
+
+
+def _trainer(cls, setup, options, data=None, **kwargs):
+    """A trainer on deep copies of the shared weights (both sides start equal; each may train its own)."""
+    args = _args(setup, **options)
+    return cls(
+        model=copy.deepcopy(setup["policy"]),
+        ref_model=copy.deepcopy(setup["ref"]),
+        args=args,
+        train_dataset=_pairs() if data is None else data,
+        processing_class=setup["tokenizer"],
+        **kwargs,
+    )
+
+
+def _trl_trainer(setup, options, data=None):
+    from trl import DPOTrainer
+
+    return _trainer(DPOTrainer, setup, options, data)
+
+
+def _our_trainer(setup, options, data=None, **kwargs):
+    from dpo_kernels.integrations.trl import DPOTrainer
+
+    return _trainer(DPOTrainer, setup, options, data, **kwargs)
+
+
+def _first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def _step(trainer, batch=None):
+    """One compute_loss + backward on the first batch: (loss, this step's metrics, {param name: grad}, batch)."""
+    batch = _first_batch(trainer) if batch is None else batch
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads, batch
+
+
+def _assert_grad_close(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """GRAD_TOL_TRAINER, with atol scaled by the largest |gradient| of the tensor: an entry is a sum over many
+    tokens, so a small one can be the cancellation of large terms, each carrying fp32 rounding of its own size."""
+    atol = GRAD_TOL_TRAINER["atol"] * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(out, ref, rtol=GRAD_TOL_TRAINER["rtol"], atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_same_step(ours, theirs, errors: dict | None = None):
+    loss, metrics, grads, batch = ours
+    loss_t, metrics_t, grads_t, batch_t = theirs
+    assert torch.equal(batch["input_ids"], batch_t["input_ids"]), "the two trainers saw different batches"
+    torch.testing.assert_close(loss, loss_t, **OUT_TOL)
+    assert list(metrics) == list(metrics_t), "metric keys (or their order) differ from TRL's"
+    for key in metrics_t:
+        torch.testing.assert_close(
+            float(metrics[key]), float(metrics_t[key]), msg=lambda m, key=key: f"{key}: {m}", **OUT_TOL
+        )
+    assert grads.keys() == grads_t.keys()
+    for name in grads_t:
+        _assert_grad_close(grads[name], grads_t[name], name)
+    if errors is not None:  # largest differences, for the report (pytest -s prints them)
+        errors["loss"] = (loss - loss_t).abs().item()
+        errors["metrics"] = max(abs(metrics[k] - metrics_t[k]) for k in metrics_t)
+        errors["grads"] = max((grads[n] - grads_t[n]).abs().max().item() for n in grads_t)
+        errors["grads/scale"] = max(
+            ((grads[n] - grads_t[n]).abs().max() / grads_t[n].abs().max().clamp(min=1.0)).item() for n in grads_t
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The float64 oracle, for the cases where TRL 1.16 fails
+
+
+def _shifted(batch):
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+    return labels[:, 1:]
+
+
+def _oracle(setup, batch, options):
+    """dpo_kernels.reference in float64 on the models' fp32 logits upcast (the conftest rule: the reference on the
+    same inputs in float64), back-propagated through copies of the fp32 models: (output, {param name: grad})."""
+    from dpo_kernels import reference
+
+    policy, ref = copy.deepcopy(setup["policy"]), copy.deepcopy(setup["ref"])
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        ref_logits = ref(**inputs).logits[:, :-1].double()
+    logits = policy(**inputs).logits[:, :-1].double()
+    loss_options = {k: v for k, v in options.items() if k not in ("use_weighting", "ld_alpha")}
+    out = reference.dpo_loss_from_logits(
+        logits,
+        _shifted(batch),
+        ref_logits=ref_logits,
+        use_weighting=options.get("use_weighting", False),
+        ld_alpha=options.get("ld_alpha"),
+        beta=options.get("beta", 0.5),
+        **{k: v for k, v in loss_options.items() if k != "beta"},
+    )
+    out.loss.backward()
+    return out, {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
+
+
+def _assert_matches_oracle(ours, oracle):
+    loss, _, grads, _ = ours
+    out, grads_ref = oracle
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), out.loss.detach(), **OUT_TOL)
+    for name in grads_ref:
+        _assert_grad_close(grads[name], grads_ref[name], name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Same numbers as TRL
+
+
+@pytest.mark.parametrize("options", [pytest.param(o, id=i) for i, o in LOSS_CASES])
+def test_trainer_step_matches_trl(setup, options, request):
+    errors = {}
+    _assert_same_step(_step(_our_trainer(setup, options)), _step(_trl_trainer(setup, options)), errors)
+    print(
+        f"\n{request.node.callspec.id}: max |Δ| loss {errors['loss']:.2e}  metrics {errors['metrics']:.2e}  "
+        f"grads {errors['grads']:.2e} (/ max(1, max |grad|): {errors['grads/scale']:.2e})"
+    )
+
+
+def test_trainer_step_matches_trl_empty_prompt(setup):
+    """A completion that starts at column 0: ipo / sigmoid_norm divide by TRL's unshifted completion lengths."""
+    options = dict(loss_type=["ipo", "sigmoid_norm"])
+    data = _pairs(empty_prompt=True)
+    ours, theirs = _our_trainer(setup, options, data), _trl_trainer(setup, options, data)
+    batch = _first_batch(theirs)
+    assert bool(batch["completion_mask"][:, 0].any())
+    _assert_same_step(_step(ours, batch), _step(theirs, batch))
+
+
+def test_trainer_step_matches_trl_moe(setup):
+    """A Mixture-of-Experts policy: TRL adds router_aux_loss_coef · aux_loss to the loss and logs aux_loss first."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(setup["tokenizer"]),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+        initializer_range=0.3,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    policy = MixtralForCausalLM(config)
+    moe = {**setup, "policy": policy, "ref": copy.deepcopy(policy)}
+    options = dict(loss_type=["sigmoid"])
+    ours, theirs = _step(_our_trainer(moe, options)), _step(_trl_trainer(moe, options))
+    assert next(iter(theirs[1])) == "aux_loss"
+    _assert_same_step(ours, theirs)
+
+
+def test_trainer_step_reference_backend(setup):
+    """The same step with the plain-PyTorch backend (what a CPU without the native extension runs)."""
+    options = dict(loss_type=["sigmoid", "ipo"], use_weighting=True, ld_alpha=0.5)
+    _assert_same_step(_step(_our_trainer(setup, options, backend="reference")), _step(_trl_trainer(setup, options)))
+
+
+def test_inplace_grad_only_where_safe(setup):
+    """The logits' gradient goes into their storage when their producer does not keep them (a Linear), and not
+    when it does (tanh keeps its output); never on the reference backend. The step tests above ran in place."""
+    from dpo_kernels import api
+    from dpo_kernels.integrations.trl import _output_saved_for_backward
+
+    trainer = _our_trainer(setup, dict(loss_type=["sigmoid"]))
+    logits = trainer.model(input_ids=torch.tensor([[3, 4, 5]])).logits
+    assert not _output_saved_for_backward(logits)
+    assert trainer._dk_inplace(logits) == (api._pick_backend(logits, None) != "reference")
+    assert _output_saved_for_backward(torch.tanh(logits).view(-1, logits.shape[-1]))
+    assert not _our_trainer(setup, dict(loss_type=["sigmoid"]), backend="reference")._dk_inplace(logits)
+
+
+def test_patch_trainer_matches_trl(setup):
+    from dpo_kernels.integrations.trl import patch_trainer
+
+    options = dict(loss_type=["apo_down"], ld_alpha=0.3)
+    theirs = _step(_trl_trainer(setup, options))
+    patched = patch_trainer(_trl_trainer(setup, options))
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    assert type(patched).compute_loss is not TRLDPOTrainer.compute_loss
+    _assert_same_step(_step(patched), theirs)
+
+
+def test_train_and_evaluate_match_trl(setup):
+    """The whole loop: two SGD steps with TR-DPO's reference sync after each, the logged history (loss and metrics
+    per step), the parameters of both models afterwards, then evaluate() with its eval_ keys."""
+    options = dict(
+        loss_type=["sigmoid", "sppo_hard"],
+        loss_weights=[1.0, 0.1],
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.5,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+    )
+    runs = []
+    for make in (_our_trainer, _trl_trainer):
+        trainer = make(setup, options)
+        trainer.eval_dataset = trainer._prepare_dataset(_pairs(), trainer.processing_class, trainer.args, "eval")
+        trainer.train()
+        history = [entry for entry in trainer.state.log_history if "loss" in entry]
+        evaluation = trainer.evaluate()
+        runs.append((history, evaluation, trainer.model.state_dict(), trainer.ref_model.state_dict()))
+    (history, evaluation, policy, ref), (history_t, evaluation_t, policy_t, ref_t) = runs
+    assert len(history) == len(history_t) == 2
+    for entry, entry_t in zip(history, history_t):
+        assert entry.keys() == entry_t.keys()
+        for key in entry_t:
+            torch.testing.assert_close(
+                float(entry[key]), float(entry_t[key]), msg=lambda m, key=key: f"{key}: {m}", **OUT_TOL
+            )
+    eval_keys = {k for k in evaluation_t if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
+    assert "eval_rewards/margins" in eval_keys and eval_keys <= evaluation.keys()
+    for key in eval_keys:
+        torch.testing.assert_close(
+            float(evaluation[key]), float(evaluation_t[key]), msg=lambda m, key=key: f"{key}: {m}", **OUT_TOL
+        )
+    for name in policy_t:
+        _assert_grad_close(policy[name], policy_t[name], name)
+        _assert_grad_close(ref[name], ref_t[name], f"ref {name}")
+    assert not torch.equal(ref["lm_head.weight"], setup["ref"].state_dict()["lm_head.weight"]), "ref never synced"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where TRL 1.16 fails: TRL's failure, and our finite value against the float64 oracle
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "sft"])
+def test_wpo_where_trl_fails(setup, loss_type):
+    """hinge + WPO fails in TRL's backward, sft + WPO in its forward (in-place multiplies, spec §5)."""
+    options = dict(loss_type=[loss_type], use_weighting=True)
+    trl_trainer = _trl_trainer(setup, options)
+    batch = _first_batch(trl_trainer)
+    trl_trainer.model.train()
+    with pytest.raises(RuntimeError):
+        trl_trainer.compute_loss(trl_trainer.model, batch).backward()
+    ours = _step(_our_trainer(setup, options), batch)
+    _assert_matches_oracle(ours, _oracle(setup, batch, options))
+
+
+def test_discopop_where_trl_returns_nan(setup):
+    """discopop with β·Δ < −88.7 for one pair: TRL's exp(−z)·σ(z/τ) is inf·0 = NaN (spec §9); ours is finite."""
+    from datasets import Dataset
+
+    probe = _trl_trainer(setup, dict(loss_type=["sigmoid"]))
+    batch = _first_batch(probe)
+    out, _ = _oracle(setup, batch, dict(loss_type=["sigmoid"], beta=1.0))
+    delta = (out.chosen_rewards - out.rejected_rewards).detach()
+    data = _pairs()
+    if delta[delta.abs().argmax()] > 0:  # swap chosen and rejected so that the largest |Δ| is negative
+        data = Dataset.from_dict({"prompt": data["prompt"], "chosen": data["rejected"], "rejected": data["chosen"]})
+    options = dict(loss_type=["discopop"], beta=120.0 / delta.abs().max().item())
+
+    trl_trainer = _trl_trainer(setup, options, data)
+    batch = _first_batch(trl_trainer)
+    trl_trainer.model.train()
+    assert torch.isnan(trl_trainer.compute_loss(trl_trainer.model, batch))
+    ours = _step(_our_trainer(setup, options, data), batch)
+    _assert_matches_oracle(ours, _oracle(setup, batch, options))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refused at construction
+
+
+REFUSED = [
+    ("padding_free", dict(padding_free=True), {}, "padding_free=True"),
+    ("ld_alpha", dict(ld_alpha=1.5), {}, "ld_alpha must be in \\[0, 1\\]"),
+    ("beta", dict(beta=0.0), {}, "beta must be a finite number > 0"),
+    (
+        "robust-eps",
+        dict(loss_type=["robust"], label_smoothing=0.6),
+        {},
+        "'robust' needs label_smoothing in \\[0, 0.5\\)",
+    ),
+    ("exo_pair-eps", dict(loss_type=["exo_pair"], label_smoothing=1.0), {}, "'exo_pair' needs label_smoothing"),
+    ("discopop_tau", dict(loss_type=["discopop"], discopop_tau=0.0), {}, "discopop_tau must be a finite number > 0"),
+    ("unknown-loss", dict(loss_type=["simpo"]), {}, "unknown loss_type 'simpo'"),
+    ("peft", {}, dict(peft_config=object()), "does not support PEFT"),
+    ("backend", {}, dict(backend="cuda"), "unknown backend 'cuda'"),
+]
+
+
+@pytest.mark.parametrize("options, kwargs, message", [pytest.param(*r[1:], id=r[0]) for r in REFUSED])
+def test_refused_options(setup, options, kwargs, message):
+    from dpo_kernels.integrations.trl import DPOTrainer
+
+    with pytest.raises(ValueError, match=message):
+        DPOTrainer(
+            model=setup["policy"],
+            ref_model=setup["ref"],
+            args=_args(setup, **options),
+            train_dataset=_pairs(),
+            processing_class=setup["tokenizer"],
+            **kwargs,
+        )
+
+
+def test_refused_vision_dataset(setup):
+    from datasets import Dataset
+
+    from dpo_kernels.integrations.trl import DPOTrainer
+
+    data = Dataset.from_dict({"images": [[]], "prompt": ["w1"], "chosen": [" w2"], "rejected": [" w3"]})
+    with pytest.raises(ValueError, match="does not support vision datasets"):
+        DPOTrainer(setup["policy"], setup["ref"], _args(setup), train_dataset=data, processing_class=setup["tokenizer"])
+
+
+def test_patch_trainer_refuses(setup):
+    from dpo_kernels.integrations.trl import patch_trainer
+
+    trainer = _trl_trainer(setup, dict(loss_type=["sigmoid"]))
+    trainer.args.ld_alpha = 2.0  # accepted by TRL, which would use it as is
+    with pytest.raises(ValueError, match="ld_alpha must be in"):
+        patch_trainer(trainer)
+    with pytest.raises(TypeError, match="expects a trl.DPOTrainer"):
+        patch_trainer(object())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL stays optional
+
+
+def test_trl_is_optional():
+    """`import dpo_kernels` imports neither trl nor transformers; without trl the adapter says what to install."""
+    code = (
+        "import sys\n"
+        "import dpo_kernels, dpo_kernels.integrations\n"
+        "assert 'trl' not in sys.modules and 'transformers' not in sys.modules, 'dpo_kernels imported trl'\n"
+        "sys.modules['trl'] = None  # as if it were not installed\n"
+        "try:\n"
+        "    import dpo_kernels.integrations.trl\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "pip install dpo-kernels[trl]" in result.stdout
