@@ -1,0 +1,123 @@
+"""The policy and its tokenizer: a local causal-LM checkpoint, or `tiny`, a small Llama built from a
+config, with a byte-level BPE trained on the bundled HH-RLHF train split (and cached)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from dpo_kernels.train.data import BUNDLED_TRAIN
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+TINY_VOCAB = 2048
+# The `tiny` model: 0.66M parameters (half of them the tied embedding).
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
+def load_tokenizer(name: str, cache_dir: str | Path):
+    """The tokenizer of checkpoint `name` (for `tiny`: the cached HH BPE); pads with EOS when it has
+    no pad token."""
+    if name == "tiny":
+        path = _tiny_bpe(Path(cache_dir).expanduser())
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=EOS)
+    else:
+        if not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"--model {name!r}: not 'tiny' and not a local checkpoint")
+        tokenizer = AutoTokenizer.from_pretrained(Path(name).expanduser())
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {name!r} has no EOS token (appended to completions)")
+    if tokenizer.pad_token is None:
+        log.info("the tokenizer has no pad token: padding with EOS (%r)", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, tokenizer, max_length: int, attn_implementation: str | None = None):
+    """A causal LM in fp32: the optimizer's master weights (autocast gives bf16 compute on GPUs).
+    `attn_implementation` None is transformers' default (sdpa)."""
+    if name != "tiny":
+        options = dict(dtype=torch.float32, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), **options)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_length,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIG,
+    )
+    config._attn_implementation = attn_implementation or "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def check_packing(model) -> None:
+    """Raises ValueError unless the model restarts attention where position_ids go back to 0, which
+    `--padding-free` relies on: two sequences packed in one row must give their logits alone."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(vocab, (1, n), generator=generator).to(device) for n in (5, 7))
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    bf16 = device.type == "cuda"  # flash-attn needs half precision
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        alone = torch.cat([model(a).logits, model(b).logits], dim=1).float()
+        packed = model(torch.cat([a, b], dim=1), position_ids=positions, use_cache=False).logits
+    model.train(was_training)
+    # mixed sequences differ by about the logits' own spread; rounding, by far less than 5% of it
+    if not (packed.float() - alone).abs().max() <= 0.05 * alone.std():
+        impl = model.config._attn_implementation
+        raise ValueError(
+            f"--padding-free: {type(model).__name__} (attn_implementation={impl!r}) does not "
+            "separate packed sequences at position_ids resets; install flash-attn or drop it"
+        )
+
+
+def _tiny_bpe(cache_dir: Path) -> Path:
+    """The json file of a byte-level BPE with TINY_VOCAB tokens, trained on the bundled train split
+    unless cached."""
+    path = cache_dir / f"hh-harmless-bpe-{TINY_VOCAB}.json"
+    if path.exists():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    log.info("training the tiny model's BPE tokenizer (once) -> %s", path)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    with open(BUNDLED_TRAIN) as f:
+        rows = [json.loads(line) for line in f]
+    texts = (row["prompt"] + row[key] for row in rows for key in ("chosen", "rejected"))
+    tokenizer.train_from_iterator(texts, trainer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: ranks may race
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+    return path
