@@ -12,9 +12,10 @@ import torch
 
 import dpo_kernels as dk
 from dpo_kernels.losses import REWARD_METRICS, STATS_METRICS
-from dpo_kernels.train.__main__ import Knobs, Reference, forward, main, prepare, train
+from dpo_kernels.train.__main__ import Knobs, Reference, dpo_loss, forward, main, prepare, to_device, train
 from dpo_kernels.train.data import BUNDLED_TRAIN, collate, load_pairs, tokenize_pairs
-from dpo_kernels.train.model import check_packing, load_model, load_tokenizer
+from dpo_kernels.train.model import Backbone, check_packing, load_model, load_tokenizer
+from tests.conftest import GRAD_TOL, OUT_TOL
 
 # Hand-made pairs in the bundled data's layout (completions keep their leading space).
 ROWS = [
@@ -140,6 +141,48 @@ def test_train_end_to_end(tmp_path, cache_dir, padding_free):
     out = tmp_path / "out"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "knobs.json", "curves.png"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_fused_head_matches_logits(tmp_path, cache_dir, padding_free):
+    # the first DPO step of the tiny model: same loss, metrics and parameter gradients either way
+    out, grads, ref = {}, {}, {}
+    for head in ("logits", "fused"):
+        run = prepare(tiny_knobs(tmp_path, cache_dir, head=head, padding_free=padding_free))
+        assert isinstance(run.model, Backbone) == (head == "fused")
+        batch = to_device(collate(run.train_pairs[:4], run.tokenizer.pad_token_id, padding_free), run.device)
+        ref[head] = torch.stack(Reference(copy.deepcopy(run.model), run)(batch, "train"))
+        shifted = ref[head] + torch.tensor([[0.5], [-0.5]])  # not the policy: a loss other than log 2
+        out[head] = dpo_loss(run.model, batch, *shifted, run.knobs)
+        out[head].loss.backward()
+        grads[head] = {name: p.grad for name, p in run.policy.named_parameters()}
+    torch.testing.assert_close(ref["fused"], ref["logits"], **OUT_TOL)
+    torch.testing.assert_close(out["fused"].loss, out["logits"].loss, **OUT_TOL)
+    for key, value in out["logits"].metrics.items():
+        torch.testing.assert_close(out["fused"].metrics[key], value, **OUT_TOL, msg=key)
+    for name, grad in grads["logits"].items():
+        torch.testing.assert_close(grads["fused"][name], grad, **GRAD_TOL[torch.float32], msg=name)
+
+
+def test_fused_head_refuses_a_transform_it_cannot_reproduce(tokenizer):
+    model = load_model("tiny", tokenizer, max_length=64)
+    model.config.final_logit_softcapping = 5.0  # read as a softcap, which Llama does not apply
+    with pytest.raises(ValueError, match="use --head logits"):
+        Backbone(model)
+
+
+def test_trainer_trl(tmp_path, cache_dir):
+    pytest.importorskip("trl")
+    knobs = tiny_knobs(tmp_path, cache_dir, trainer="trl", dpo_steps=4, log_every=2)
+    result = train(prepare(knobs))
+    assert result["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(result["after"]["loss"])
+    records = read_records(knobs)
+    assert [r["phase"] for r in records if r["phase"] != "dpo"] == ["sft", "sft", "eval", "eval"]
+    dpo = [r for r in records if r["phase"] == "dpo" and "loss" in r]  # not TRL's closing summary
+    assert [r["step"] for r in dpo] == [6, 8]
+    for record in dpo:
+        assert TRL_KEYS <= record.keys(), TRL_KEYS - record.keys()
 
 
 def test_precomputed_reference_matches_frozen_copy(tmp_path, cache_dir):
@@ -396,6 +439,14 @@ BAD_OPTIONS = [
     ),
     pytest.param({"backend": "gpu"}, ValueError, "unknown --backend 'gpu'", id="backend"),
     pytest.param({"batch_size": 0}, ValueError, "--batch-size must be >= 1", id="batch-size"),
+    pytest.param({"head": "lm"}, ValueError, "unknown --head 'lm'", id="head"),
+    pytest.param({"trainer": "hf"}, ValueError, "unknown --trainer 'hf'", id="trainer"),
+    pytest.param(
+        {"trainer": "trl", "padding_free": True},
+        ValueError,
+        "--padding-free does not work with --trainer trl",
+        id="trl-padding-free",
+    ),
     pytest.param({"model": "/no/such/model"}, FileNotFoundError, "local checkpoint", id="model"),
 ]
 

@@ -4,6 +4,7 @@ DPO against a reference model, on the bundled HH-RLHF harmless pairs by default.
     python -m dpo_kernels.train                # the tiny Llama on the CPU, a few minutes
     python -m dpo_kernels.train --model PATH --loss-type sigmoid sft --loss-weights 1 0.2
     torchrun --nproc-per-node 8 -m dpo_kernels.train --model PATH --padding-free
+    python -m dpo_kernels.train --trainer trl   # the DPO phase in TRL's DPOTrainer, with our loss
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dpo_kernels.train.data import (
     load_pairs,
     tokenize_pairs,
 )
-from dpo_kernels.train.model import check_packing, load_model, load_tokenizer
+from dpo_kernels.train.model import Backbone, check_packing, load_model, load_tokenizer
 
 log = logging.getLogger("dpo_kernels.train")
 
@@ -69,6 +70,20 @@ class Knobs:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     bf16: bool | None = knob(None, "bf16 autocast (default: on with CUDA only)")
     backend: str | None = knob(None, "kernels: triton, cpu or reference (default: by device)")
+    # fused on the CPU too: its chunked torch path steps the tiny default as fast as the logits do
+    # (about 0.5 s per DPO + SFT micro-batch each, within the noise of a shared 2-core machine)
+    head: str = knob(
+        "fused",
+        "fused: log-probs from the last hidden states and the output layer, the logits never built "
+        "(dk.dpo_loss_from_hidden; Triton on CUDA, chunked torch on the CPU, as fast for the tiny model); "
+        "logits: the model's logits (dk.dpo_loss_from_logits)",
+    )
+    trainer: str = knob(
+        "ours",
+        "ours: this script's loop; trl: the DPO phase in TRL's DPOTrainer with dpo_kernels' loss (the SFT "
+        "warm-up and the held-out table stay ours; TRL tokenizes the text itself, so its rows can differ "
+        "slightly from ours; needs pip install dpo-kernels[trl])",
+    )
     # torch's default is a thread per core; on a small CPU shared with other work, threads that wait
     # for each other at every op cost far more than they bring to a model this small
     cpu_threads: int = knob(1, "torch threads when training on the CPU (0: torch's default)")
@@ -139,6 +154,9 @@ class Run:
     knobs: Knobs
     tokenizer: typing.Any
     policy: torch.nn.Module
+    model: torch.nn.Module  # what the losses call: the policy, or its Backbone (--head fused)
+    train_ds: datasets.Dataset  # the text pairs (for --trainer trl)
+    eval_ds: datasets.Dataset
     train_pairs: list[dict]
     eval_pairs: list[dict]
     device: torch.device
@@ -154,6 +172,15 @@ def prepare(knobs: Knobs) -> Run:
         raise ValueError("--precompute-ref-logps and --ref-sync-steps exclude each other")
     if knobs.backend not in (None, *BACKENDS):
         raise ValueError(f"unknown --backend {knobs.backend!r}; valid: {', '.join(BACKENDS)}")
+    for name, valid in (("head", ("fused", "logits")), ("trainer", ("ours", "trl"))):
+        value = getattr(knobs, name)
+        if value not in valid:
+            raise ValueError(f"unknown --{name} {value!r}; valid: {', '.join(valid)}")
+    if knobs.trainer == "trl":
+        if knobs.padding_free:
+            raise ValueError("--padding-free does not work with --trainer trl (TRL 1.16 ignores padding_free)")
+        if importlib.util.find_spec("trl") is None:
+            raise ValueError("--trainer trl needs TRL: pip install dpo-kernels[trl]")
     for name in ("max_length", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
         if getattr(knobs, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(knobs, name)}")
@@ -183,7 +210,8 @@ def prepare(knobs: Knobs) -> Run:
         check_packing(policy)
     if knobs.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Run(knobs, tokenizer, policy, train_pairs, eval_pairs, device, rank, world)
+    model = Backbone(policy) if knobs.head == "fused" else policy
+    return Run(knobs, tokenizer, policy, model, train_ds, eval_ds, train_pairs, eval_pairs, device, rank, world)
 
 
 def loss_options(knobs: Knobs) -> dict:
@@ -209,21 +237,42 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def forward(model, batch: dict, bf16: bool) -> torch.Tensor:
-    """Logits [2B, T, V] of padded rows, [N, V] of packed ones (bf16 under autocast)."""
+    """Logits [2B, T, V] of padded rows, [N, V] of packed ones (bf16 under autocast); from a
+    Backbone, the last hidden states [2B, T, H] or [N, H]."""
+    if "cu_seqlens" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        if "cu_seqlens" in batch:
-            ids, positions = batch["input_ids"], batch["position_ids"]
-            return model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = model(**inputs, use_cache=False)
+    out = getattr(out, "logits", out)
+    return out[0] if "cu_seqlens" in batch else out
 
 
-def dpo_loss(policy, batch: dict, ref_chosen, ref_rejected, knobs: Knobs):
-    return dk.dpo_loss_from_logits(
-        forward(policy, batch, knobs.bf16),
-        batch["labels"],
-        ref_chosen,
-        ref_rejected,
+def fused_head(model) -> dict | None:
+    """The output layer and logit transform of a Backbone (under DDP or not), else None."""
+    model = getattr(model, "module", model)  # DDP
+    return model.head() if isinstance(model, Backbone) else None
+
+
+def token_logps(model, batch: dict, knobs: Knobs) -> torch.Tensor:
+    """Per-token log-probs of the labels: through the fused head, or from the logits."""
+    out, head = forward(model, batch, knobs.bf16), fused_head(model)
+    if head:
+        return dk.linear_token_logps(out, labels=batch["labels"], **head, backend=knobs.backend)
+    return dk.token_logps(out, batch["labels"], backend=knobs.backend)
+
+
+def dpo_loss(model, batch: dict, ref_chosen, ref_rejected, knobs: Knobs):
+    out, head = forward(model, batch, knobs.bf16), fused_head(model)
+    loss_fn = partial(dk.dpo_loss_from_hidden, **head) if head else dk.dpo_loss_from_logits
+    # labels are shifted (labels[t] is the token at t + 1, -100 at each row's end): they line up with
+    # the logits or hidden states as they are, no copy
+    return loss_fn(
+        out,
+        labels=batch["labels"],
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
         cu_seqlens=batch.get("cu_seqlens"),
         ld_alpha=knobs.ld_alpha,
         use_weighting=knobs.use_weighting,
@@ -233,10 +282,9 @@ def dpo_loss(policy, batch: dict, ref_chosen, ref_rejected, knobs: Knobs):
     )
 
 
-def sft_loss(policy, batch: dict, knobs: Knobs) -> torch.Tensor:
+def sft_loss(model, batch: dict, knobs: Knobs) -> torch.Tensor:
     """Mean negative log-likelihood of the completion tokens."""
-    logits = forward(policy, batch, knobs.bf16)
-    logps = dk.token_logps(logits, batch["labels"], backend=knobs.backend)
+    logps = token_logps(model, batch, knobs)
     return -logps.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -255,12 +303,10 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        knobs, labels = self.run.knobs, batch["labels"]
-        logits = forward(self.model, batch, knobs.bf16)
-        logps = dk.token_logps(logits, labels, backend=knobs.backend)
+        knobs = self.run.knobs
         seq = dk.sequence_logps(
-            logps,
-            labels,
+            token_logps(self.model, batch, knobs),
+            batch["labels"],
             ld_alpha=knobs.ld_alpha,
             cu_seqlens=batch.get("cu_seqlens"),
             backend=knobs.backend,
@@ -375,11 +421,12 @@ class Metrics:
         self.window.clear()
         self.write({"phase": phase, "step": step, **record, **extra})
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, echo: bool = True) -> None:
         self.records.append(record)
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.file and echo:
             shown = {k: v for k, v in record.items() if k not in ("phase", "step")}
             values = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
             tqdm.write(f"{record['phase']} {record['step']:>5}  {values}")
@@ -425,55 +472,59 @@ def optimize(run: Run, model, metrics, loss_fn, batches, phase, steps, lr, step,
 @torch.no_grad()
 def evaluate(run: Run, reference: Reference) -> dict[str, float]:
     """Loss and TRL's metrics over the held-out pairs: means over all pairs (of all ranks)."""
-    policy = run.policy  # not the DDP wrapper: ranks may see different numbers of batches
-    policy.eval()
+    model = run.model  # not the DDP wrapper: ranks may see different numbers of batches
+    model.eval()
     sums: dict[str, float] = defaultdict(float)
     for batch in eval_batches(run, run.eval_pairs):
         batch = to_device(batch, run.device)
-        out = dpo_loss(policy, batch, *reference(batch, "eval"), run.knobs)
+        out = dpo_loss(model, batch, *reference(batch, "eval"), run.knobs)
         n = len(batch["index"])
         for key, value in {"loss": out.loss, **out.metrics}.items():
             sums[key] += float(value) * n
         sums["pairs"] += n
-    policy.train()
+    model.train()
     sums = all_reduce(dict(sums), run)
     pairs = sums.pop("pairs")
     return {key: value / pairs for key, value in sums.items()}
 
 
 def train(run: Run) -> dict[str, dict[str, float]]:
-    """SFT warm-up, then DPO. Returns the held-out metrics before and after DPO."""
+    """SFT warm-up, then DPO (here, or in TRL's trainer). Returns the held-out metrics before and
+    after DPO."""
     knobs, device = run.knobs, run.device
     Path(knobs.output_dir).mkdir(parents=True, exist_ok=True)
     metrics = Metrics(run)
-    policy = run.policy
+    model = run.model
     if run.world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        policy = torch.nn.parallel.DistributedDataParallel(run.policy, device_ids=ids)
+        model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     batches = train_batches(run)
-    optimize_ = partial(optimize, run, policy, metrics)
+    optimize_ = partial(optimize, run, model, metrics)
 
     step = 0
     if knobs.sft_steps:
-        sft = lambda batch: (sft_loss(policy, batch, knobs), {})
+        sft = lambda batch: (sft_loss(model, batch, knobs), {})
         sft_batches = map(chosen_half, batches)  # SFT on the chosen rows
         step = optimize_(sft, sft_batches, "sft", knobs.sft_steps, knobs.sft_lr, step)
 
-    reference = Reference(copy.deepcopy(run.policy), run)
-    if knobs.precompute_ref_logps:
+    reference = Reference(copy.deepcopy(run.model), run)
+    if knobs.precompute_ref_logps and knobs.trainer == "ours":
         reference.precompute({"train": run.train_pairs, "eval": run.eval_pairs})
     before = evaluate(run, reference)
     metrics.write({"phase": "eval", "step": step, **{f"eval_{k}": v for k, v in before.items()}})
 
     def dpo(batch):
-        out = dpo_loss(policy, batch, *reference(batch, "train"), knobs)
+        out = dpo_loss(model, batch, *reference(batch, "train"), knobs)
         return out.loss, out.metrics
 
     def sync_reference(dpo_step: int) -> None:
         if knobs.ref_sync_steps and dpo_step % knobs.ref_sync_steps == 0:
-            reference.sync(run.policy, knobs.ref_mixup_alpha)
+            reference.sync(run.model, knobs.ref_mixup_alpha)
 
-    step = optimize_(dpo, batches, "dpo", knobs.dpo_steps, knobs.lr, step, sync_reference)
+    if knobs.trainer == "trl":  # TRL's reference model is the frozen copy evaluated against here
+        step = dpo_in_trl(run, getattr(reference.model, "lm", reference.model), metrics, step)
+    else:
+        step = optimize_(dpo, batches, "dpo", knobs.dpo_steps, knobs.lr, step, sync_reference)
     after = evaluate(run, reference)
     metrics.write({"phase": "eval", "step": step, **{f"eval_{k}": v for k, v in after.items()}})
     metrics.close()
@@ -489,6 +540,64 @@ def train(run: Run) -> dict[str, dict[str, float]]:
             plot_curves(metrics.records, Path(knobs.output_dir) / "curves.png")
         log.info("saved the model, tokenizer and metrics in %s", knobs.output_dir)
     return {"before": before, "after": after}
+
+
+def dpo_in_trl(run: Run, ref_model, metrics: Metrics, step: int) -> int:
+    """The DPO phase in TRL's DPOTrainer with dpo_kernels' loss, on the text pairs, with the knobs
+    mapped to DPOConfig; TRL's logs go to metrics.jsonl. Returns the step count."""
+    try:
+        import transformers
+        from trl import DPOConfig
+
+        from dpo_kernels.integrations.trl import DPOTrainer
+    except ImportError as err:
+        raise ImportError(f"--trainer trl: {err} (pip install dpo-kernels[trl])") from err
+    knobs = run.knobs
+    config = DPOConfig(
+        output_dir=knobs.output_dir,
+        **loss_options(knobs),
+        ld_alpha=knobs.ld_alpha,
+        use_weighting=knobs.use_weighting,
+        max_length=knobs.max_length,
+        truncation_mode=knobs.truncation_mode,
+        per_device_train_batch_size=knobs.batch_size,
+        per_device_eval_batch_size=knobs.eval_batch_size,
+        gradient_accumulation_steps=knobs.grad_accum,
+        learning_rate=knobs.lr,
+        max_steps=knobs.dpo_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(knobs.warmup_ratio * knobs.dpo_steps),
+        weight_decay=knobs.weight_decay,
+        max_grad_norm=knobs.max_grad_norm,
+        optim="adamw_torch",
+        seed=knobs.seed,
+        bf16=knobs.bf16,
+        activation_checkpointing=knobs.gradient_checkpointing,  # gradient_checkpointing, renamed
+        precompute_ref_log_probs=knobs.precompute_ref_logps,
+        sync_ref_model=knobs.ref_sync_steps > 0,
+        ref_model_sync_steps=max(1, knobs.ref_sync_steps),
+        ref_model_mixup_alpha=knobs.ref_mixup_alpha,
+        logging_steps=knobs.log_every,
+        save_strategy="no",
+        report_to="none",
+    )
+
+    class Log(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics.write({"phase": "dpo", "step": step + state.global_step, **logs}, echo=False)
+
+    trainer = DPOTrainer(
+        run.policy,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=run.train_ds,
+        eval_dataset=run.eval_ds,
+        processing_class=run.tokenizer,
+        callbacks=[Log()],
+        backend=knobs.backend,
+    )
+    trainer.train()
+    return step + trainer.state.global_step
 
 
 def results_table(before: dict, after: dict, pairs: int) -> str:

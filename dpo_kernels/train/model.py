@@ -94,6 +94,56 @@ def check_packing(model) -> None:
         )
 
 
+class Backbone(torch.nn.Module):
+    """A causal LM without its output layer, for `--head fused`: forward gives the last hidden states
+    ([rows, T, H]). A module of its own so that DDP can wrap it; the LM stays a submodule, so the
+    output layer's gradient is all-reduced too. `head()`: the output layer and logit transform, as
+    `dk.dpo_loss_from_hidden` / `dk.linear_token_logps` take them."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.transform = fused_head_transform(lm)
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.lm.base_model(**inputs).last_hidden_state
+
+    def head(self) -> dict:
+        layer = self.lm.get_output_embeddings()
+        return {"weight": layer.weight, "bias": layer.bias, **self.transform}
+
+
+def fused_head_transform(model) -> dict:
+    """The final-logit softcap and scale of `model`, from its config (Gemma's final_logit_softcapping,
+    Cohere's logit_scale, Granite's logits_scaling), checked on a short input: raises ValueError
+    unless its logits are transform(last_hidden_state @ weightᵀ + bias)."""
+    config = model.config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+    layer, base = model.get_output_embeddings(), model.base_model
+    name = type(model).__name__
+    if layer is None or base is model:
+        raise ValueError(f"--head fused: {name} has no separate output layer / base model; use --head logits")
+    ids = torch.randint(layer.weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(layer.weight.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.double()
+        hidden = base(ids, use_cache=False).last_hidden_state.double()
+        y = torch.nn.functional.linear(
+            hidden, layer.weight.double(), None if layer.bias is None else layer.bias.double()
+        )
+        y = y * scale if softcap is None else softcap * torch.tanh(y * scale / softcap)
+    model.train(was_training)
+    if not torch.allclose(y, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
+        raise ValueError(
+            f"--head fused: {name}'s logits are not softcap/scale(hidden @ weight + bias) (a logit transform "
+            "dpo_kernels cannot reproduce); use --head logits"
+        )
+    return {"softcap": softcap, "logit_scale": scale}
+
+
 def _tiny_bpe(cache_dir: Path) -> Path:
     """The json file of a byte-level BPE with TINY_VOCAB tokens, trained on the bundled train split
     unless cached."""
