@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(H.format_table(title, env, rows))
     if args.save:
-        for path in H.save("bench_logprobs", env, tables):
+        for path in H.save(f"bench_logprobs-{args.device}-{args.dtype}", env, tables):
             print(f"wrote {path}")
     if args.plot:
         _plot(tables, env)
