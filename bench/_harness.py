@@ -108,6 +108,15 @@ def copy_bandwidth(device: str, nbytes: int | None = None) -> float:
     return 2 * nbytes / (med * 1e-3)
 
 
+def matmul_rate(device: str) -> float:
+    """FLOP/s of a large square matrix product on random data (bf16 on CUDA, fp32 on the CPU): the floor's rate."""
+    n = 8192 if device == "cuda" else 1024
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    med, _, _ = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (med * 1e-3)
+
+
 def extra_peak_mib(fn: Callable[[], object], device: str) -> float:
     """Peak memory above what was allocated before the call, the returned tensors included (CUDA
     only; NaN on CPU)."""

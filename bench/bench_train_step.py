@@ -193,15 +193,6 @@ def run_case(pairs: int, T: int, config_kwargs: dict, device: str, rate: float, 
     return title, case, rows
 
 
-def matmul_rate(device: str) -> float:
-    """FLOP/s of a large square matrix product (bf16 on CUDA, fp32 on the CPU)."""
-    n = 8192 if device == "cuda" else 512
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    med, _, _ = H.time_ms(lambda: a @ b, device)
-    return 2 * n**3 / (med * 1e-3)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.pairs or args.T:
         shapes = [(args.pairs or shapes[0][0], args.T or shapes[0][1])]
     env = H.environment(args.device)
-    rate = matmul_rate(args.device)
+    rate = H.matmul_rate(args.device)
     print(f"{env.header()}  matmul {rate / 1e12:.1f} TFLOP/s")
     config_kwargs = TINY if args.tiny else QWEN2_05B
     tables = [run_case(*shape, config_kwargs, args.device, rate, args) for shape in shapes]

@@ -939,22 +939,14 @@ def dpo_loss_from_hidden(
 
     rc, rr = R.reference_logps(ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, reference_sequences)
     seq = sequences(hidden, weight, bias, return_stats or use_weighting)
-    B = L.check_even_rows(seq.logps.shape[0])
-    if rc is None:  # reference-free
-        rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
-    return dpo_loss(
-        seq.logps[:B],
-        seq.logps[B:],
+    return R.dpo_loss_from_sequences(
+        seq,
         rc,
         rr,
+        use_weighting=use_weighting,
+        return_stats=return_stats,
+        dpo_loss_fn=lambda *args, **kw: dpo_loss(*args, **kw, backend=small),
         **loss_options,
-        chosen_lengths=seq.n_tokens[:B],
-        rejected_lengths=seq.n_tokens[B:],
-        chosen_token_logp_sum=seq.raw_logps[:B],
-        chosen_token_count=seq.n_tokens[:B],
-        wpo_weights=R.wpo_weights(seq) if use_weighting else None,
-        sequence_stats=seq.stats if return_stats else None,
-        backend=small,
     )
 
 

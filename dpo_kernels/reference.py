@@ -423,10 +423,26 @@ def dpo_loss_from_logits(
         ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, lambda: sequences(ref_logits, False).logps
     )
     seq = sequences(logits, return_stats or use_weighting)
+    return dpo_loss_from_sequences(seq, rc, rr, use_weighting=use_weighting, return_stats=return_stats, **loss_options)
+
+
+def dpo_loss_from_sequences(
+    seq: SequenceLogps,
+    rc: torch.Tensor | None,
+    rr: torch.Tensor | None,
+    *,
+    use_weighting: bool,
+    return_stats: bool,
+    dpo_loss_fn=None,
+    **loss_options,
+) -> DPOOutput:
+    """The per-sequence end of the from-logits and from-hidden paths: the policy's sequence sums [2B] (chosen
+    first) and the reference's [B] (None: reference-free) → `dpo_loss` (or a backend's `dpo_loss_fn`), with the
+    token counts as lengths, the plain chosen sums for sft, WPO weights and the stats metrics."""
     B = L.check_even_rows(seq.logps.shape[0])
     if rc is None:  # reference-free
         rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
-    return dpo_loss(
+    return (dpo_loss if dpo_loss_fn is None else dpo_loss_fn)(
         seq.logps[:B],
         seq.logps[B:],
         rc,
