@@ -99,7 +99,11 @@ OPTION_CASES = [
 @pytest.mark.parametrize("options, extra", OPTION_CASES)
 def test_dpo_loss_from_logits_options(backend, options, extra, dtype=torch.bfloat16):
     B, T, V = 2, 11, 50
-    logits, labels, rc, rr = _batch(B, T, V, dtype)
+    logits, labels, _, _ = _batch(B, T, V, dtype)
+    # A reference near the policy, as in training: log-ratios of order 1. (Far apart, the alpha divergence's
+    # exp((a − 1)·x) turns the fp32 rounding of the summed log-probs into a 1e-5 relative error of a 1e6 loss.)
+    policy = R.sequence_logps(R.token_logps(logits.double(), labels), labels, ld_alpha=extra.get("ld_alpha")).logps
+    rc, rr = (policy + torch.randn_like(policy)).chunk(2)
     x = logits.clone().requires_grad_()
     out = dk.dpo_loss_from_logits(x, labels, rc.float(), rr.float(), backend=backend, **options, **extra)
     (grad,) = torch.autograd.grad(out.loss, x)
