@@ -12,8 +12,10 @@ import torch
 
 import dpo_kernels as dk
 from dpo_kernels.losses import REWARD_METRICS, STATS_METRICS
-from dpo_kernels.train.__main__ import Knobs, Reference, dpo_loss, forward, main, prepare, to_device, train
+from dpo_kernels.train.__main__ import main
 from dpo_kernels.train.data import BUNDLED_TRAIN, collate, load_pairs, tokenize_pairs
+from dpo_kernels.train.knobs import Knobs
+from dpo_kernels.train.loop import Reference, dpo_loss, forward, prepare, to_device, train
 from dpo_kernels.train.model import Backbone, check_packing, load_model, load_tokenizer
 from tests.conftest import GRAD_TOL, OUT_TOL
 
@@ -93,12 +95,12 @@ def tiny_knobs(tmp_path, cache_dir, **overrides) -> Knobs:
         max_train_pairs=48,
         max_eval_pairs=16,
         max_length=64,
-        batch_size=4,
-        eval_batch_size=8,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
         sft_steps=4,
-        dpo_steps=12,
-        lr=1e-3,
-        log_every=4,
+        max_steps=12,
+        learning_rate=1e-3,
+        logging_steps=4,
         backend=BACKEND,
     )
     return Knobs(**{**knobs, **overrides})
@@ -173,7 +175,7 @@ def test_fused_head_refuses_a_transform_it_cannot_reproduce(tokenizer):
 
 def test_trainer_trl(tmp_path, cache_dir):
     pytest.importorskip("trl")
-    knobs = tiny_knobs(tmp_path, cache_dir, trainer="trl", dpo_steps=4, log_every=2)
+    knobs = tiny_knobs(tmp_path, cache_dir, trainer="trl", max_steps=4, logging_steps=2)
     result = train(prepare(knobs))
     assert result["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(result["after"]["loss"])
@@ -191,9 +193,9 @@ def test_precomputed_reference_matches_frozen_copy(tmp_path, cache_dir):
         knobs = tiny_knobs(
             tmp_path / str(precompute),
             cache_dir,
-            dpo_steps=2,
-            log_every=1,
-            precompute_ref_logps=precompute,
+            max_steps=2,
+            logging_steps=1,
+            precompute_ref_log_probs=precompute,
         )
         train(prepare(knobs))
         losses[precompute] = [r for r in read_records(knobs) if r["phase"] == "dpo"]
@@ -204,7 +206,7 @@ def test_precomputed_reference_matches_frozen_copy(tmp_path, cache_dir):
 
 
 def test_trdpo_sync_moves_the_reference(tmp_path, cache_dir):
-    run = prepare(tiny_knobs(tmp_path, cache_dir, sft_steps=0, dpo_steps=2, ref_sync_steps=1))
+    run = prepare(tiny_knobs(tmp_path, cache_dir, sft_steps=0, max_steps=2, ref_model_sync_steps=1))
     reference = Reference(copy.deepcopy(run.policy), run)
     with torch.no_grad():
         for p in run.policy.parameters():
@@ -378,7 +380,7 @@ EMPTY_MESSAGE = [{**CONVERSATIONS[0], "rejected": [{"role": "assistant", "conten
 BAD_DATA = [
     pytest.param("nope.jsonl", None, FileNotFoundError, "data file not found", id="missing"),
     pytest.param("pairs.txt", ROWS, ValueError, "unknown data format", id="unknown-format"),
-    pytest.param("x.jsonl", "{oops\n", ValueError, "could not read", id="malformed"),
+    pytest.param("x.jsonl", "{oops\n", ValueError, "x.jsonl, line 1: not valid JSON", id="malformed"),
     pytest.param(
         "x.jsonl",
         [{"prompt": "a", "chosen": " b"}],
@@ -432,13 +434,15 @@ BAD_OPTIONS = [
     ),
     pytest.param({"ld_alpha": 1.5}, ValueError, "ld_alpha", id="ld-alpha"),
     pytest.param(
-        {"precompute_ref_logps": True, "ref_sync_steps": 4},
+        {"precompute_ref_log_probs": True, "ref_model_sync_steps": 4},
         ValueError,
         "exclude each other",
         id="precompute-and-sync",
     ),
     pytest.param({"backend": "gpu"}, ValueError, "unknown --backend 'gpu'", id="backend"),
-    pytest.param({"batch_size": 0}, ValueError, "--batch-size must be >= 1", id="batch-size"),
+    pytest.param(
+        {"per_device_train_batch_size": 0}, ValueError, "--per-device-train-batch-size must be >= 1", id="batch-size"
+    ),
     pytest.param({"head": "lm"}, ValueError, "unknown --head 'lm'", id="head"),
     pytest.param({"trainer": "hf"}, ValueError, "unknown --trainer 'hf'", id="trainer"),
     pytest.param(

@@ -1,7 +1,8 @@
 """Preference pairs → token rows → batches in TRL's layout (chosen rows first, then rejected).
 
 A pair is `prompt` / `chosen` / `rejected`: strings (standard), or message lists (conversational,
-rendered with the tokenizer's chat template, else as plain `Role: content` turns). A row is the
+rendered with the tokenizer's chat template, else as plain `Role: content` turns). Pairs with only `chosen` and
+`rejected` have an implicit prompt: their shared prefix, extracted as TRL's `extract_prompt` does. A row is the
 tokenized prompt + completion; its prompt part is the common token prefix of the tokenized prompt
 and the whole row, and completions that are not chat-templated end with an EOS. Labels are shifted:
 `labels[t]` is the target of the logits at `t` (the token at `t + 1`), -100 unless that token is
@@ -10,6 +11,7 @@ part of the completion.
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -17,11 +19,9 @@ from pathlib import Path
 import datasets
 import torch
 
-log = logging.getLogger(__name__)
+from dpo_kernels.train.knobs import BUNDLED_DIR, BUNDLED_TEST, BUNDLED_TRAIN  # noqa: F401 (re-exported)
 
-BUNDLED_DIR = Path(__file__).parent / "hh_rlhf"
-BUNDLED_TRAIN = BUNDLED_DIR / "hh_harmless_train.jsonl"
-BUNDLED_TEST = BUNDLED_DIR / "hh_harmless_test.jsonl"
+log = logging.getLogger(__name__)
 
 FORMATS = {
     ".jsonl": "json",
@@ -41,6 +41,10 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, no pairs")
+    if path.suffix == ".jsonl":
+        _check_json_lines(path)
     try:
         if path.is_dir():
             ds = _load_dir(path)
@@ -53,11 +57,18 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, OSError) as err:
         raise ValueError(f"could not read {path}: {str(err).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise ValueError(f"{path}: no pairs")
+    implicit = "prompt" not in ds.column_names and {"chosen", "rejected"} <= set(ds.column_names)
+    if implicit:  # TRL's implicit-prompt format
+        ds = ds.select_columns(["chosen", "rejected"])
+        _check_implicit(ds, path)
+        ds = ds.map(extract_prompt)
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: rows missing {', '.join(missing)} (need {', '.join(COLUMNS)})")
-    if len(ds) == 0:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(
+            f"{path}: rows missing {', '.join(missing)} (need {', '.join(COLUMNS)}, or chosen and rejected)"
+        )
     ds = ds.select_columns(list(COLUMNS))
     for i, row in enumerate(ds):
         _check_row(row, i, path)
@@ -103,8 +114,26 @@ def tokenize_pairs(
         raise ValueError(f"{name}: max_length={max_length} is smaller than every prompt")
     if len(pairs) < len(rows):
         dropped = len(rows) - len(pairs)
-        log.info(f"{name}: dropped {dropped} of {len(rows)} pairs: prompt >= {max_length} tokens")
+        log.warning(
+            f"{name}: dropped {dropped} of {len(rows)} pairs whose prompt alone has >= {max_length} tokens "
+            "(--max-length raises the limit)"
+        )
     return pairs
+
+
+def extract_prompt(example: dict) -> dict:
+    """TRL 1.16's `extract_prompt`: the prompt is the longest shared prefix of chosen and rejected (strings or
+    message lists), less a space that starts the completions."""
+    for idx in range(min(len(example["chosen"]), len(example["rejected"]))):
+        if example["chosen"][idx] != example["rejected"][idx]:
+            if example["chosen"][idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return {
+        "prompt": example["chosen"][:idx],
+        "chosen": example["chosen"][idx:],
+        "rejected": example["rejected"][idx:],
+    }
 
 
 def collate(pairs: list[dict], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
@@ -146,6 +175,35 @@ def chosen_half(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         }
     B = len(batch["input_ids"]) // 2
     return {k: batch[k][:B] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _check_json_lines(path: Path) -> None:
+    """Names the first line of a JSON-lines file that is not a JSON object."""
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+    if rows == 0:
+        raise ValueError(f"{path}: empty file, no pairs")
+
+
+def _check_implicit(ds: datasets.Dataset, path: Path) -> None:
+    for i, row in enumerate(ds):
+        chosen, rejected = row["chosen"], row["rejected"]
+        if not (isinstance(chosen, str) and isinstance(rejected, str)) and not (
+            _is_messages(chosen) and _is_messages(rejected)
+        ):
+            raise ValueError(f"{path}: row {i}: chosen and rejected must be strings or messages")
+        if chosen == rejected:
+            raise ValueError(f"{path}: row {i}: chosen and rejected are the same (no completion to prefer)")
 
 
 def _load_dir(path: Path) -> datasets.Dataset:
