@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import typing
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -682,7 +683,9 @@ class Trainer:
                 )
             else:
                 optimizer.step()
-            schedule.step()
+            with warnings.catch_warnings():  # a skipped step still moves the schedule: no warning about it
+                warnings.simplefilter("ignore", UserWarning)
+                schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if phase == "dpo" and knobs.ref_model_sync_steps and i % knobs.ref_model_sync_steps == 0:
                 self.reference.sync(run.model, knobs.ref_model_mixup_alpha)
