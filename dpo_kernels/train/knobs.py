@@ -83,6 +83,11 @@ class Knobs:
     per_device_train_batch_size: int = knob(8, "pairs per micro-batch (per rank)", ("batch_size",))
     gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", ("grad_accum",))
     warmup_ratio: float = knob(0.1, "linear warm-up over this fraction of the steps, then cosine")
+    warmup_steps: float | None = knob(
+        None,
+        "HF's spelling: warm-up DPO steps, or a fraction of them when < 1 (sets --warmup-ratio; SFT warms up over "
+        "the same fraction)",
+    )
     weight_decay: float = knob(0.0, "AdamW weight decay")
     max_grad_norm: float = knob(1.0, "gradient clipping (<= 0: none, as in HF/TRL)")
     seed: int = knob(0, "seed of the model init and of the data order")
@@ -255,6 +260,8 @@ def check_knobs(knobs: Knobs) -> None:
         raise ValueError(f"--max-steps must be >= 1, got {knobs.max_steps}")
     if knobs.num_train_epochs < 0:
         raise ValueError(f"--num-train-epochs must be >= 0, got {knobs.num_train_epochs}")
+    if knobs.warmup_steps is not None and knobs.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {knobs.warmup_steps}")
     if not 0 <= knobs.eval_split < 1:
         raise ValueError(f"--eval-split must be in [0, 1), got {knobs.eval_split}")
     if knobs.eval_split and knobs.eval_file:

@@ -150,6 +150,9 @@ def prepare(knobs: Knobs) -> Run:
         epoch_steps = len(train_pairs) // per_step / knobs.gradient_accumulation_steps
         epochs = knobs.num_train_epochs
         knobs.max_steps = max(1, math.ceil(epochs * epoch_steps)) if epochs else DEFAULT_MAX_STEPS
+    if knobs.warmup_steps is not None:
+        w = knobs.warmup_steps
+        knobs.warmup_ratio = w if w < 1 else min(1.0, w / knobs.max_steps)
     torch.manual_seed(knobs.seed)
     # packed rows: flash-attn's varlen kernels where installed, else the model's own mask support
     flash = knobs.padding_free and device.type == "cuda" and importlib.util.find_spec("flash_attn")

@@ -41,9 +41,7 @@ def load_tokenizer(name: str, cache_dir: str | Path):
         path = _tiny_bpe(Path(cache_dir).expanduser())
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=EOS)
     else:
-        if not Path(name).expanduser().is_dir():
-            raise FileNotFoundError(f"--model {name!r}: not 'tiny' and not a local checkpoint")
-        tokenizer = AutoTokenizer.from_pretrained(Path(name).expanduser())
+        tokenizer = AutoTokenizer.from_pretrained(_checkpoint(name))
     if tokenizer.eos_token is None:
         raise ValueError(f"the tokenizer of {name!r} has no EOS token (appended to completions)")
     if tokenizer.pad_token is None:
@@ -52,12 +50,30 @@ def load_tokenizer(name: str, cache_dir: str | Path):
     return tokenizer
 
 
+def _checkpoint(name: str) -> str:
+    """A local checkpoint folder, or the snapshot folder of Hub id `name` in the local Hugging Face cache (resolved
+    by transformers, offline under HF_HUB_OFFLINE=1)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(name, "config.json")
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"--model {name!r}: not 'tiny', not a local checkpoint folder, and not a Hub id in the local Hugging "
+            f"Face cache ({str(err).splitlines()[0]})"
+        ) from None
+    return str(Path(config).parent)
+
+
 def load_model(name: str, tokenizer, max_length: int, attn_implementation: str | None = None):
     """A causal LM in fp32: the optimizer's master weights (autocast gives bf16 compute on GPUs).
     `attn_implementation` None is transformers' default (sdpa)."""
     if name != "tiny":
         options = dict(dtype=torch.float32, attn_implementation=attn_implementation)
-        return AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), **options)
+        return AutoModelForCausalLM.from_pretrained(_checkpoint(name), **options)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_length,
