@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -71,6 +70,35 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return logits.reshape(-1, logits.shape[-1])
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """True when two elements of `t` share memory (e.g. rows of `x.expand(N, V)`): dims sorted by stride, each
+    stride must step over everything the smaller strides span."""
+    span = 0
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _check_inplace(logits: torch.Tensor, backend: str) -> None:
+    """inplace_grad=True writes the gradient over the logits: refused where that would corrupt something."""
+    if backend == "reference" or logits.dtype == torch.float64:
+        raise ValueError("inplace_grad=True needs the triton or cpu backend (and a non-float64 dtype)")
+    if not logits.requires_grad:
+        raise ValueError("inplace_grad=True needs logits that require grad")
+    if logits.is_leaf:
+        raise ValueError(
+            "inplace_grad=True would overwrite a leaf tensor with its own gradient (its .grad would alias its "
+            "storage): pass the output of a layer, or inplace_grad=False"
+        )
+    if _overlapping(logits):
+        raise ValueError(
+            "inplace_grad=True needs logits whose elements do not share memory (e.g. not x.expand(...)): the "
+            "gradient rows would overwrite each other"
+        )
 
 
 def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
@@ -236,14 +264,12 @@ def token_logps(
     L.check_logits_labels(logits, labels, ignore_index)
     temperature = L.check_temperature(temperature)
     chosen = _pick_backend(logits, backend)
+    if inplace_grad:
+        _check_inplace(logits, chosen)
     if chosen == "reference" or logits.dtype == torch.float64:
-        if inplace_grad:
-            raise ValueError("inplace_grad=True needs the triton or cpu backend (and a non-float64 dtype)")
         return R.token_logps(
             logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
         )
-    if inplace_grad and not logits.requires_grad:
-        raise ValueError("inplace_grad=True needs logits that require grad")
     rows, flat_labels = _rows(logits), labels.reshape(-1).long()
     logps, _, stats = _token_logps_fwd(rows, flat_labels, chosen, ignore_index, temperature, return_stats, inplace_grad)
     logps = logps.view(labels.shape)
@@ -264,40 +290,68 @@ def _seq_starts(shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> t
     return torch.arange(S + 1, device=device, dtype=torch.int64) * T
 
 
-class _SequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, labels, seq_starts, ignore_index, ld_alpha):
-        from dpo_kernels.ops import segments
+# The Triton segment sums are torch custom ops as well (torch.compile keeps them in its graph). Sums are float64.
 
-        sums, n_tokens = segments.segments_fwd(values, labels, seq_starts, ignore_index=ignore_index, ld_alpha=ld_alpha)
-        ctx.save_for_backward(labels, seq_starts, n_tokens)
-        ctx.options = (ignore_index, ld_alpha, values.shape[0])
-        ctx.mark_non_differentiable(n_tokens)
-        return sums, n_tokens
 
-    @staticmethod
-    def backward(ctx, grad_sums, _grad_n):
-        from dpo_kernels.ops import segments
+@torch.library.custom_op("dpo_kernels::segments_fwd", mutates_args=())
+def _segments_fwd(
+    values: torch.Tensor, labels: torch.Tensor, seq_starts: torch.Tensor, ignore_index: int, ld_alpha: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from dpo_kernels.ops import segments
 
-        labels, seq_starts, n_tokens = ctx.saved_tensors
-        ignore_index, ld_alpha, C = ctx.options
-        grad_tokens = segments.segments_bwd(
-            grad_sums[0].contiguous(),
-            grad_sums[1].contiguous(),
-            labels,
-            seq_starts,
-            n_tokens,
-            ignore_index=ignore_index,
-            ld_alpha=ld_alpha,
-        )
-        grad_values = torch.zeros(C, grad_tokens.shape[0], dtype=torch.float32, device=grad_tokens.device)
-        grad_values[0] = grad_tokens
-        # Stats sums: each token's value enters its sequence's plain sum once.
-        if C > 1:
-            seg = torch.repeat_interleave(torch.diff(seq_starts))
-            scored = labels != ignore_index
-            grad_values[1:] = grad_sums[2:, seg] * scored
-        return grad_values, None, None, None, None
+    return segments.segments_fwd(values, labels, seq_starts, ignore_index=ignore_index, ld_alpha=ld_alpha)
+
+
+@_segments_fwd.register_fake
+def _(values, labels, seq_starts, ignore_index, ld_alpha):
+    S = seq_starts.shape[0] - 1
+    return values.new_empty(values.shape[0] + 1, S, dtype=torch.float64), values.new_empty(S, dtype=torch.int64)
+
+
+@torch.library.custom_op("dpo_kernels::segments_bwd", mutates_args=())
+def _segments_bwd(
+    grad_weighted: torch.Tensor,
+    grad_plain: torch.Tensor,
+    labels: torch.Tensor,
+    seq_starts: torch.Tensor,
+    n_tokens: torch.Tensor,
+    ignore_index: int,
+    ld_alpha: float | None,
+) -> torch.Tensor:
+    from dpo_kernels.ops import segments
+
+    return segments.segments_bwd(
+        grad_weighted, grad_plain, labels, seq_starts, n_tokens, ignore_index=ignore_index, ld_alpha=ld_alpha
+    )
+
+
+@_segments_bwd.register_fake
+def _(grad_weighted, grad_plain, labels, seq_starts, n_tokens, ignore_index, ld_alpha):
+    return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+def _spread(grad_sums, labels, seq_starts, n_tokens, ignore_index, ld_alpha) -> torch.Tensor:
+    """∂/∂(token values) [C, N] of the segment sums [C+1, S] (row 0 LD-weighted, row 1 plain, rows 2.. stats)."""
+    grad_sums = grad_sums.float()
+    rows = [_segments_bwd(grad_sums[0], grad_sums[1], labels, seq_starts, n_tokens, ignore_index, ld_alpha)]
+    if grad_sums.shape[0] > 2:  # stats sums: each scored token's value enters its sequence's plain sum once
+        seg = torch.repeat_interleave(torch.diff(seq_starts), output_size=labels.shape[0])
+        rows.append(grad_sums[2:, seg] * (labels != ignore_index))
+    return torch.cat([rows[0][None], *rows[1:]])
+
+
+def _segments_setup(ctx, inputs, output):
+    _, labels, seq_starts, ignore_index, ld_alpha = inputs
+    ctx.save_for_backward(labels, seq_starts, output[1])
+    ctx.options = (ignore_index, ld_alpha)
+
+
+def _segments_backward(ctx, grad_sums, _grad_n):
+    labels, seq_starts, n_tokens = ctx.saved_tensors
+    return _spread(grad_sums, labels, seq_starts, n_tokens, *ctx.options), None, None, None, None
+
+
+_segments_fwd.register_autograd(_segments_backward, setup_context=_segments_setup)
 
 
 def sequence_logps(
@@ -314,14 +368,18 @@ def sequence_logps(
 
     Args:
         token_logps: padded [S, T] or packed [N] (with `cu_seqlens`) per-token log-probs (fp32).
-        labels_or_mask: labels shaped like `token_logps` (scored where ≠ `ignore_index`) or a bool mask.
+        labels_or_mask: labels shaped like `token_logps` (an integer tensor: scored where ≠ `ignore_index`), or a
+            bool mask (True = scored). An integer 0/1 tensor such as TRL's `completion_mask` is labels, not a mask:
+            pass `completion_mask.bool()` (on CPU tensors such a tensor is refused with that advice).
         ld_alpha: LD-DPO's α in [0, 1]: rows s and s + S/2 are a pair (chosen rows first); tokens past the shorter
             completion's length weigh α.
         cu_seqlens: [S+1] int32/int64 start offsets of packed sequences (chosen sequences first).
         token_stats: per-token `TokenStats` to sum per sequence as well (for WPO and TRL's metrics).
 
     Returns:
-        `SequenceLogps(logps, n_tokens, raw_logps, stats)`, all [S].
+        `SequenceLogps(logps, n_tokens, raw_logps, stats)`, all [S]; the sums are float64 (a margin between sums
+        of thousands of nats needs their precision), differentiable with respect to `token_logps`. Unscored
+        positions never reach a sum, whatever their value (NaN and inf included).
     """
     chosen = _pick_backend(token_logps, backend)
     if chosen != "triton" or token_logps.dtype == torch.float64:
@@ -333,9 +391,11 @@ def sequence_logps(
             token_stats=token_stats,
             ignore_index=ignore_index,
         )
-    # The reference validates the same way; run its checks on a zero-size problem would not catch shape errors,
-    # so the kernel path checks here.
+    # the reference's checks, on the kernel path
     ld_alpha = L.check_ld_alpha(ld_alpha)
+    if not token_logps.is_floating_point():
+        raise TypeError(f"token_logps must be a floating-point tensor, got {L._describe(token_logps)}")
+    L.check_labels_or_mask(labels_or_mask, ignore_index)
     if labels_or_mask.shape != token_logps.shape:
         raise ValueError(
             f"labels_or_mask shape {tuple(labels_or_mask.shape)} must equal token_logps shape "
@@ -350,12 +410,13 @@ def sequence_logps(
     seq_starts = _seq_starts(token_logps.shape, cu_seqlens, token_logps.device)
     if ld_alpha is not None:
         L.check_even_rows(seq_starts.numel() - 1)
+    # the kernel reads labels: scored → 0, unscored → −1 (its ignore_index), whatever the caller's ignore_index
     mask = R.scored_mask(labels_or_mask, ignore_index).reshape(-1)
-    labels = torch.where(mask, 0, ignore_index).long()
+    labels = torch.where(mask, 0, -1).long()
     rows = [token_logps.reshape(-1).float()]
     if token_stats is not None:
         rows += [t.reshape(-1).float() for t in token_stats]
-    sums, n_tokens = _SequenceLogps.apply(torch.stack(rows), labels, seq_starts, ignore_index, ld_alpha)
+    sums, n_tokens = _segments_fwd(torch.stack(rows), labels, seq_starts, -1, ld_alpha)
     stats = None
     if token_stats is not None:
         stats = SequenceStats(*sums[2:], n_tokens=n_tokens)
@@ -366,49 +427,102 @@ def sequence_logps(
 # dpo_loss
 
 
-@dataclass(frozen=True)
-class _LossInputs:
-    """The optional per-pair inputs of the loss kernel, validated."""
+def _config_args(config: L.LossConfig) -> tuple:
+    """A `LossConfig` as the plain arguments a custom op takes (rebuilt by `_config`)."""
+    return (
+        list(config.loss_codes),
+        list(config.loss_weights),
+        config.beta,
+        config.label_smoothing,
+        config.discopop_tau,
+        config.f_divergence_type,
+        config.f_alpha_divergence_coef,
+    )
 
-    chosen_lengths: torch.Tensor | None = None
-    rejected_lengths: torch.Tensor | None = None
-    pair_weights: torch.Tensor | None = None
-    sft_count: torch.Tensor | None = None
+
+def _config(loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_div, f_alpha) -> L.LossConfig:
+    # already validated by loss_config on the way in
+    names = tuple(L.LOSS_TYPES[code] for code in loss_codes)
+    return L.LossConfig(names, tuple(loss_weights), beta, label_smoothing, discopop_tau, f_div, f_alpha)
 
 
 def _metrics(kernel_metrics: torch.Tensor, stats: SequenceStats | None) -> dict[str, torch.Tensor]:
     metrics = dict(zip(L.REWARD_METRICS, kernel_metrics.unbind(0)))
     if stats is not None:
-        metrics.update(R.stats_metrics(stats))
+        metrics.update({k: v.float() for k, v in R.stats_metrics(stats).items()})
     return metrics
 
 
-class _DPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pc, pr, rc, rr, sft_sum, config, inputs):
-        from dpo_kernels.ops import dpo
+@torch.library.custom_op("dpo_kernels::dpo_fwd", mutates_args=())
+def _dpo_fwd(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    sft_sum: torch.Tensor,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    pair_weights: torch.Tensor | None,
+    sft_count: torch.Tensor | None,
+    loss_codes: list[int],
+    loss_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dpo_kernels.ops import dpo
 
-        out = dpo.dpo_fwd(
-            pc,
-            pr,
-            rc,
-            rr,
-            config=config,
-            chosen_lengths=inputs.chosen_lengths,
-            rejected_lengths=inputs.rejected_lengths,
-            pair_weights=inputs.pair_weights,
-            sft_sum=sft_sum,
-            sft_count=inputs.sft_count,
-        )
-        ctx.save_for_backward(out.grads)
-        ctx.mark_non_differentiable(out.losses, out.rewards, out.metrics)
-        return out.loss, out.losses, out.rewards, out.metrics
+    config = _config(
+        loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef
+    )
+    out = dpo.dpo_fwd(
+        pc,
+        pr,
+        rc,
+        rr,
+        config=config,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        pair_weights=pair_weights,
+        sft_sum=sft_sum,
+        sft_count=sft_count,
+    )
+    return out.loss, out.losses, out.grads, out.rewards, out.metrics
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        (grads,) = ctx.saved_tensors
-        g = grads * grad_loss
-        return g[0], g[1], g[2], g[3], g[4], None, None
+
+@_dpo_fwd.register_fake
+def _(pc, pr, rc, rr, sft_sum, chosen_lengths, rejected_lengths, pair_weights, sft_count, loss_codes, *_):
+    B = pc.shape[0]
+    f32 = lambda *shape: pc.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return f32(), f32(len(loss_codes), B), f32(5, B), f32(2, B), f32(len(L.REWARD_METRICS))
+
+
+def _dpo_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.needs = tuple(t is not None and t.requires_grad for t in inputs[:5])
+
+
+def _dpo_backward(ctx, grad_loss, *_):
+    (grads,) = ctx.saved_tensors
+    g = grads * grad_loss
+    return (*(g[i] if ctx.needs[i] else None for i in range(5)), *(None,) * 11)
+
+
+_dpo_fwd.register_autograd(_dpo_backward, setup_context=_dpo_setup)
+
+
+def _kernel_loss(
+    pc, pr, rc, rr, config: L.LossConfig, *, lengths, pair_weights, sft_sum, sft_count
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton loss kernel: (loss, losses, rewards [2, B], metrics), fp32; float64 log-probs are read as such."""
+    f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
+    nc, nr = (None, None) if lengths is None else (f32(lengths[0]), f32(lengths[1]))
+    loss, losses, _, rewards, metrics = _dpo_fwd(
+        pc, pr, rc, rr, sft_sum, nc, nr, f32(pair_weights), f32(sft_count), *_config_args(config)
+    )
+    return loss, losses, rewards, metrics
 
 
 def dpo_loss(
@@ -432,10 +546,12 @@ def dpo_loss(
     sequence_stats: SequenceStats | None = None,
     backend: str | None = None,
 ) -> DPOOutput:
-    """TRL 1.16's DPO loss (any of the 15 loss types, or a weighted mix) on per-sequence log-probs.
+    """TRL 1.16's DPO loss (any of the 15 loss types, or a weighted mix of at most 15 terms) on per-sequence
+    log-probs.
 
     Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: [B] summed log-probs.
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: [B] summed log-probs
+            (floating point).
         loss_type: a name of `losses.LOSS_TYPES` or a list of them; `loss_weights` one weight each (default 1).
         beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef: as in TRL's DPOConfig.
         chosen_lengths, rejected_lengths: [B] completion-token counts (needed by ipo and sigmoid_norm).
@@ -444,7 +560,8 @@ def dpo_loss(
         sequence_stats: per-sequence stats sums [2B] for TRL's logits/*, entropy and mean_token_accuracy metrics.
 
     Returns:
-        `DPOOutput`; `loss` is differentiable with respect to the four log-prob tensors and the sft sum (on the
+        `DPOOutput` in the promoted dtype of the four log-prob tensors (at least fp32; when one is float64 every
+        backend computes in float64); `loss` is differentiable with respect to all four and the sft sum (on the
         triton backend the per-pair `losses` carry no gradient).
 
     Example:
@@ -466,28 +583,27 @@ def dpo_loss(
         wpo_weights=wpo_weights,
         chosen_token_logp_sum=chosen_token_logp_sum,
         chosen_token_count=chosen_token_count,
-        sequence_stats=sequence_stats,
     )
-    chosen = _pick_backend(policy_chosen_logps, backend)
-    if chosen != "triton" or policy_chosen_logps.dtype == torch.float64:
-        return R.dpo_loss(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options, **extra
-        )
-    config = L.loss_config(**options, use_weighting=wpo_weights is not None)
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    sft_count = L.check_loss_inputs(config, pc, pr, rc, rr, **{k: v for k, v in extra.items() if k != "sequence_stats"})
+    chosen = _pick_backend(pc, backend)
+    if chosen != "triton" or any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (pc, pr, rc, rr)):
+        return R.dpo_loss(pc, pr, rc, rr, **options, **extra, sequence_stats=sequence_stats)
+    config = L.loss_config(**options, use_weighting=wpo_weights is not None)
+    sft_count = L.check_loss_inputs(config, pc, pr, rc, rr, **extra)
     B = pc.shape[0]
-    f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-    inputs = _LossInputs(
-        chosen_lengths=f32(chosen_lengths),
-        rejected_lengths=f32(rejected_lengths),
-        pair_weights=None if wpo_weights is None else f32(wpo_weights[:B] * wpo_weights[B:]),
-        sft_count=f32(sft_count),
-    )
+    lengths = None if chosen_lengths is None or rejected_lengths is None else (chosen_lengths, rejected_lengths)
     # Without a separate sft sum the chosen log-probs are it: autograd adds both gradients into pc.
     sft_sum = pc if chosen_token_logp_sum is None else chosen_token_logp_sum
-    loss, losses, rewards, metrics = _DPOLoss.apply(
-        pc.float(), pr.float(), rc.float(), rr.float(), sft_sum.float(), config, inputs
+    loss, losses, rewards, metrics = _kernel_loss(
+        pc.float(),
+        pr.float(),
+        rc.float(),
+        rr.float(),
+        config,
+        lengths=lengths,
+        pair_weights=None if wpo_weights is None else wpo_weights[:B] * wpo_weights[B:],
+        sft_sum=sft_sum.float(),
+        sft_count=sft_count,
     )
     return DPOOutput(
         loss=loss,
@@ -501,89 +617,201 @@ def dpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The per-sequence end of the from-logits and from-hidden paths
+
+
+def _resolve_reference(ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, B: int, device, compute):
+    """The reference's [B] chosen and rejected log-probs, without gradient (TRL detaches the reference): the
+    precomputed ones (floating point, kept in their precision), `compute()` run under no_grad for `ref_logits` /
+    `ref_hidden`, or zeros for `reference_free=True`."""
+    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
+    if given[0] != given[1]:
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    if given[0] + (ref_logits is not None) + bool(reference_free) != 1:
+        raise ValueError(
+            "give the reference exactly one way: ref_chosen_logps and ref_rejected_logps, or ref_logits, "
+            "or reference_free=True"
+        )
+    if reference_free:
+        zeros = torch.zeros(B, dtype=torch.float64, device=device)
+        return zeros, zeros
+    if ref_logits is not None:
+        with torch.no_grad():
+            ref = compute()
+        return ref[:B], ref[B:]
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {L._describe(value)}")
+        L.check_pair_vector(value, name, B, device)
+    return ref_chosen_logps.detach(), ref_rejected_logps.detach()
+
+
+def _loss_from_sequences(
+    seq: SequenceLogps,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    *,
+    config: L.LossConfig,
+    use_weighting: bool,
+    return_stats: bool,
+    backend: str,
+    out_dtype: torch.dtype,
+) -> DPOOutput:
+    """The policy's sequence sums [2B] (chosen first, float64) and the reference's [B] → `DPOOutput` in `out_dtype`,
+    with the token counts as lengths, the plain chosen sums for sft, WPO weights and the stats metrics. The
+    log-ratios are formed in float64; the Triton kernel does the rest in fp32, the reference in float64."""
+    B = seq.n_tokens.shape[0] // 2
+    n = seq.n_tokens
+    if backend == "triton" and out_dtype != torch.float64:
+        pair_weights = None
+        if use_weighting:
+            w = R.wpo_weights(seq)
+            pair_weights = w[:B] * w[B:]
+        stats = seq.stats if return_stats else None
+        loss, losses, rewards, metrics = _kernel_loss(
+            seq.logps[:B],
+            seq.logps[B:],
+            rc,
+            rr,
+            config,
+            lengths=(n[:B], n[B:]),
+            pair_weights=pair_weights,
+            sft_sum=seq.raw_logps[:B],
+            sft_count=n[:B],
+        )
+        out = DPOOutput(loss, losses, rewards[0], rewards[1], seq.logps[:B], seq.logps[B:], _metrics(metrics, stats))
+    else:
+        options = dict(
+            loss_type=list(config.loss_types),
+            loss_weights=list(config.loss_weights),
+            beta=config.beta,
+            label_smoothing=config.label_smoothing,
+            discopop_tau=config.discopop_tau,
+            f_divergence_type=config.f_divergence_type,
+            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+        )
+        out = R.dpo_loss_from_sequences(seq, rc, rr, use_weighting=use_weighting, return_stats=return_stats, **options)
+    return out.to(out_dtype)
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    """The outputs' dtype for logits / hidden states of t's dtype: fp32, float64 for float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # dpo_loss_from_logits
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """The options of one fused from-logits call."""
-
-    config: L.LossConfig
-    ld_alpha: float | None
-    use_weighting: bool
-    return_stats: bool
-    ignore_index: int
-    temperature: float
-    inplace_grad: bool
+# The fused Triton path is one custom op: logits → token log-probs → sequence sums → loss, with the per-token
+# gradient of the (scalar) loss computed in the forward; the backward is one pass over the logits.
 
 
-class _DPOLossFromLogits(torch.autograd.Function):
-    """logits → token log-probs → sequence sums → loss in the forward; the backward is one pass over the logits
-    with the per-token gradient the forward already computed (the loss is scalar, so only its scale is missing)."""
+@torch.library.custom_op("dpo_kernels::dpo_from_logits_fwd", mutates_args=())
+def _dpo_from_logits_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seq_starts: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    ld_alpha: float | None,
+    use_weighting: bool,
+    with_stats: bool,
+    inplace_grad: bool,
+    loss_codes: list[int],
+    loss_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    from dpo_kernels.ops import dpo, logprobs, segments
 
-    @staticmethod
-    def forward(ctx, logits, labels, seq_starts, rc, rr, plan):
-        from dpo_kernels.ops import dpo, logprobs, segments
+    config = _config(
+        loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef
+    )
+    logps, lse, stats = logprobs.logprobs_fwd(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats
+    )
+    values = logps[None] if stats is None else torch.cat([logps[None], stats])
+    sums, n_tokens = segments.segments_fwd(values, labels, seq_starts, ignore_index=ignore_index, ld_alpha=ld_alpha)
+    B = n_tokens.shape[0] // 2
+    n = n_tokens.float()
+    pair_weights = None
+    if use_weighting:
+        seq = SequenceLogps(sums[0], n_tokens, sums[1], SequenceStats(*sums[2:], n_tokens=n_tokens))
+        w = R.wpo_weights(seq)
+        pair_weights = (w[:B] * w[B:]).float()
+    out = dpo.dpo_fwd(
+        sums[0, :B],
+        sums[0, B:],
+        rc,
+        rr,
+        config=config,
+        chosen_lengths=n[:B],
+        rejected_lengths=n[B:],
+        pair_weights=pair_weights,
+        sft_sum=sums[1, :B],
+        sft_count=n[:B],
+    )
+    grad_tokens = segments.segments_bwd(
+        torch.cat([out.grads[0], out.grads[1]]),
+        torch.cat([out.grads[4], torch.zeros_like(out.grads[4])]),
+        labels,
+        seq_starts,
+        n_tokens,
+        ignore_index=ignore_index,
+        ld_alpha=ld_alpha,
+    )
+    return out.loss, out.losses, out.rewards, out.metrics, sums, n_tokens, lse, grad_tokens
 
-        with_stats = plan.return_stats or plan.use_weighting
-        logps, lse, stats = logprobs.logprobs_fwd(
-            logits, labels, ignore_index=plan.ignore_index, temperature=plan.temperature, return_stats=with_stats
-        )
-        values = logps[None] if stats is None else torch.cat([logps[None], stats])
-        sums, n_tokens = segments.segments_fwd(
-            values, labels, seq_starts, ignore_index=plan.ignore_index, ld_alpha=plan.ld_alpha
-        )
-        B = n_tokens.shape[0] // 2
-        n = n_tokens.float()
-        pair_weights = None
-        if plan.use_weighting:
-            seq = SequenceLogps(sums[0], n_tokens, sums[1], SequenceStats(*sums[2:], n_tokens=n_tokens))
-            w = R.wpo_weights(seq)
-            pair_weights = w[:B] * w[B:]
-        out = dpo.dpo_fwd(
-            sums[0, :B],
-            sums[0, B:],
-            rc,
-            rr,
-            config=plan.config,
-            chosen_lengths=n[:B],
-            rejected_lengths=n[B:],
-            pair_weights=pair_weights,
-            sft_sum=sums[1, :B],
-            sft_count=n[:B],
-        )
-        grad_tokens = segments.segments_bwd(
-            torch.cat([out.grads[0], out.grads[1]]),
-            torch.cat([out.grads[4], torch.zeros_like(out.grads[4])]),
-            labels,
-            seq_starts,
-            n_tokens,
-            ignore_index=plan.ignore_index,
-            ld_alpha=plan.ld_alpha,
-        )
-        ctx.save_for_backward(logits, labels, lse, grad_tokens)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(out.losses, out.rewards, out.metrics, sums, n_tokens)
-        return out.loss, out.losses, out.rewards, out.metrics, sums, n_tokens
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        from dpo_kernels.ops import logprobs
+@_dpo_from_logits_fwd.register_fake
+def _(logits, labels, seq_starts, rc, rr, ignore_index, temperature, ld_alpha, use_weighting, with_stats, _inplace,
+      loss_codes, *_):  # fmt: skip
+    N, S = logits.shape[0], seq_starts.shape[0] - 1
+    f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    sums = logits.new_empty(6 if with_stats else 2, S, dtype=torch.float64)
+    n_tokens = logits.new_empty(S, dtype=torch.int64)
+    return (
+        f32(),
+        f32(len(loss_codes), S // 2),
+        f32(2, S // 2),
+        f32(len(L.REWARD_METRICS)),
+        sums,
+        n_tokens,
+        f32(N),
+        f32(N),
+    )
 
-        logits, labels, lse, grad_tokens = ctx.saved_tensors
-        plan = ctx.plan
-        dlogits = logprobs.logprobs_bwd(
-            logits,
-            labels,
-            lse,
-            grad_tokens * grad_loss,
-            ignore_index=plan.ignore_index,
-            temperature=plan.temperature,
-            inplace=plan.inplace_grad,
-        )
-        if plan.inplace_grad:  # a later reader of the overwritten logits fails instead of reading the gradient
-            torch.autograd.graph.increment_version(logits)
-        return dlogits, None, None, None, None, None
+
+def _dpo_from_logits_setup(ctx, inputs, output):
+    logits, labels, seq_starts, _, _, ignore_index, temperature, ld_alpha, _, _, inplace_grad = inputs[:11]
+    ctx.save_for_backward(logits, labels, seq_starts, output[5], output[6], output[7])
+    ctx.options = (ignore_index, temperature, ld_alpha, inplace_grad)
+
+
+def _dpo_from_logits_backward(ctx, grad_loss, _losses, _rewards, _metrics, grad_sums, _n, _lse, _grad_tokens):
+    logits, labels, seq_starts, n_tokens, lse, grad_tokens = ctx.saved_tensors
+    ignore_index, temperature, ld_alpha, inplace_grad = ctx.options
+    g = grad_tokens * grad_loss
+    if grad_sums is not None:  # a term on out.chosen_logps / rejected_logps (e.g. an RPO-style NLL)
+        g = g + _spread(grad_sums[:2], labels, seq_starts, n_tokens, ignore_index, ld_alpha)[0]
+    args = (logits, labels, lse, g.contiguous(), None, None, "triton", ignore_index, temperature)
+    if inplace_grad:
+        _token_logps_bwd_inplace(*args)
+        dlogits = logits
+    else:
+        dlogits = _token_logps_bwd(*args)
+    return (dlogits, *(None,) * 17)
+
+
+_dpo_from_logits_fwd.register_autograd(_dpo_from_logits_backward, setup_context=_dpo_from_logits_setup)
 
 
 def dpo_loss_from_logits(
@@ -610,8 +838,9 @@ def dpo_loss_from_logits(
         logits: padded [2B, T, V] (chosen rows first, then rejected rows) or packed [N, V] with `cu_seqlens`.
         labels: [2B, T] or [N], already shifted (labels[..., t] is the token that logits[..., t] predicts),
             `ignore_index` outside the completions.
-        ref_chosen_logps, ref_rejected_logps: [B] precomputed reference log-probs; or `ref_logits` shaped like
-            `logits` (used without gradient); or `reference_free=True` (both zero). Exactly one of the three.
+        ref_chosen_logps, ref_rejected_logps: [B] precomputed reference log-probs (floating point; float64 ones
+            are used unrounded); or `ref_logits` shaped like `logits`; or `reference_free=True` (both zero).
+            Exactly one of the three. The reference never receives a gradient (as in TRL).
         cu_seqlens: [2B+1] int32/int64 start offsets of the packed sequences (chosen sequences first).
         ld_alpha: LD-DPO's α in [0, 1]; applied to the reference log-probs computed from `ref_logits` too.
         use_weighting: WPO weights from the policy's own token statistics.
@@ -621,7 +850,9 @@ def dpo_loss_from_logits(
             f_alpha_divergence_coef (see `dpo_loss`). ipo / sigmoid_norm use the scored-token counts as lengths.
 
     Returns:
-        `DPOOutput`; only `loss` carries a gradient (to the logits).
+        `DPOOutput` in fp32 (float64 for float64 logits). The per-sequence sums are accumulated and the log-ratios
+        formed in float64. `loss` and the policy's `chosen_logps` / `rejected_logps` carry gradients to the logits
+        (a term such as an NLL on `chosen_logps` trains), on every backend.
 
     Example:
         >>> out = dk.dpo_loss_from_logits(logits[:, :-1], labels[:, 1:], ref_chosen, ref_rejected, beta=0.1)
@@ -643,44 +874,61 @@ def dpo_loss_from_logits(
     B = L.check_even_rows(S)
     if ref_logits is not None and ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
-    if inplace_grad and not logits.requires_grad:
-        raise ValueError("inplace_grad=True needs logits that require grad")
     chosen = _pick_backend(logits, backend)
-    common = dict(ignore_index=ignore_index, temperature=temperature)
+    if inplace_grad:
+        _check_inplace(logits, chosen)
+    with_stats = return_stats or use_weighting
 
-    def seq_logps(x: torch.Tensor) -> torch.Tensor:
-        lp = token_logps(x, labels, **common, backend=chosen)
-        return sequence_logps(lp, labels, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, backend=chosen).logps
-
-    if chosen != "triton" or logits.dtype == torch.float64:
-        token_fn = lambda x, y, **kw: token_logps(x, y, inplace_grad=inplace_grad, backend=chosen, **kw)  # noqa: E731
-        return R.dpo_loss_from_logits(
-            logits,
+    def sequences(x: torch.Tensor, stats: bool, inplace: bool) -> SequenceLogps:
+        common = dict(ignore_index=ignore_index, temperature=temperature, backend=chosen)
+        out = token_logps(x, labels, **common, return_stats=stats, inplace_grad=inplace)
+        lp, token_stats = out if stats else (out, None)
+        return sequence_logps(
+            lp,
             labels,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            ref_logits=ref_logits,
-            reference_free=reference_free,
-            cu_seqlens=cu_seqlens,
             ld_alpha=ld_alpha,
+            cu_seqlens=cu_seqlens,
+            token_stats=token_stats,
+            ignore_index=ignore_index,
+            backend=chosen,
+        )
+
+    rc, rr = _resolve_reference(
+        ref_chosen_logps,
+        ref_rejected_logps,
+        ref_logits,
+        reference_free,
+        B,
+        logits.device,
+        lambda: sequences(ref_logits, False, False).logps,
+    )
+    out_dtype = _out_dtype(logits)
+    if chosen != "triton" or logits.dtype == torch.float64:
+        seq = sequences(logits, with_stats, inplace_grad)
+        return _loss_from_sequences(
+            seq,
+            rc,
+            rr,
+            config=config,
             use_weighting=use_weighting,
             return_stats=return_stats,
-            token_logps_fn=token_fn,
-            **common,
-            **loss_options,
+            backend=chosen,
+            out_dtype=out_dtype,
         )
-    rc, rr = R.reference_logps(
-        ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, lambda: seq_logps(ref_logits)
-    )
-    if rc is None:
-        rc = rr = torch.zeros(B, dtype=torch.float32, device=logits.device)
-    for name, value in (("ref_chosen_logps", rc), ("ref_rejected_logps", rr)):
-        L.check_pair_vector(value, name, B, logits.device)
-    plan = _Plan(config, ld_alpha, use_weighting, return_stats, ignore_index, temperature, inplace_grad)
     seq_starts = _seq_starts(labels.shape, cu_seqlens, logits.device)
-    rows = _rows(logits)
-    loss, losses, rewards, metrics, sums, n_tokens = _DPOLossFromLogits.apply(
-        rows, labels.reshape(-1).long(), seq_starts, rc.detach().float(), rr.detach().float(), plan
+    loss, losses, rewards, metrics, sums, n_tokens, _, _ = _dpo_from_logits_fwd(
+        _rows(logits),
+        labels.reshape(-1).long(),
+        seq_starts,
+        rc,
+        rr,
+        ignore_index,
+        temperature,
+        ld_alpha,
+        use_weighting,
+        with_stats,
+        inplace_grad,
+        *_config_args(config),
     )
     stats = SequenceStats(*sums[2:], n_tokens=n_tokens) if return_stats else None
     return DPOOutput(
@@ -688,8 +936,8 @@ def dpo_loss_from_logits(
         losses=losses,
         chosen_rewards=rewards[0],
         rejected_rewards=rewards[1],
-        chosen_logps=sums[0, :B],
-        rejected_logps=sums[0, B:],
+        chosen_logps=sums[0, :B].float(),
+        rejected_logps=sums[0, B:].float(),
         metrics=_metrics(metrics, stats),
     )
 
@@ -904,14 +1152,17 @@ def dpo_loss_from_hidden(
         >>> out = dk.dpo_loss_from_hidden(h, policy.lm_head.weight, shifted, ref_c, ref_r, beta=0.1)
         >>> out.loss.backward()
     """
-    L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
+    config = L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
     ld_alpha = L.check_ld_alpha(ld_alpha)
     if cu_seqlens is None and hidden.ndim != 3:
         raise ValueError(
             f"hidden must be padded [2B, T, H], or packed [N, H] with cu_seqlens; got shape {tuple(hidden.shape)}"
         )
-    if cu_seqlens is not None and hidden.ndim != 2:
-        raise ValueError(f"packed hidden (with cu_seqlens) must be [N, H], got shape {tuple(hidden.shape)}")
+    if cu_seqlens is not None:
+        if hidden.ndim != 2:
+            raise ValueError(f"packed hidden (with cu_seqlens) must be [N, H], got shape {tuple(hidden.shape)}")
+        L.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+    B = L.check_even_rows(hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
     if ref_hidden is not None and ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
@@ -920,7 +1171,7 @@ def dpo_loss_from_hidden(
     small = "triton" if chosen == "triton" else "reference"  # backend of the [N]- and [2B]-sized steps
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
 
-    def sequences(h, w, b, with_stats: bool) -> R.SequenceLogps:
+    def sequences(h, w, b, with_stats: bool) -> SequenceLogps:
         out = linear_token_logps(h, w, labels, bias=b, **transform, return_stats=with_stats, backend=backend)
         lp, stats = out if with_stats else (out, None)
         return sequence_logps(
@@ -937,16 +1188,19 @@ def dpo_loss_from_hidden(
         w, b = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
         return sequences(ref_hidden, w, b, False).logps
 
-    rc, rr = R.reference_logps(ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, reference_sequences)
+    rc, rr = _resolve_reference(
+        ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, B, hidden.device, reference_sequences
+    )
     seq = sequences(hidden, weight, bias, return_stats or use_weighting)
-    return R.dpo_loss_from_sequences(
+    return _loss_from_sequences(
         seq,
         rc,
         rr,
+        config=config,
         use_weighting=use_weighting,
         return_stats=return_stats,
-        dpo_loss_fn=lambda *args, **kw: dpo_loss(*args, **kw, backend=small),
-        **loss_options,
+        backend=small,
+        out_dtype=_out_dtype(hidden),
     )
 
 

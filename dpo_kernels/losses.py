@@ -32,6 +32,9 @@ LOSS_TYPES: tuple[str, ...] = (
     "sigmoid_norm",
 )
 
+# The most terms one loss mix may have (every backend: the Triton kernel packs the codes into one 64-bit constexpr).
+MAX_LOSS_TERMS = 15
+
 F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 # Loss types whose inputs go through the f-divergence map (TRL refuses a non-default divergence with the others).
@@ -129,6 +132,8 @@ def loss_config(
     non-default f-divergence with a loss that ignores it, WPO with `aot`/`aot_unpaired`).
     """
     names = _names(loss_type)
+    if len(names) > MAX_LOSS_TERMS:
+        raise ValueError(f"a loss mix has at most {MAX_LOSS_TERMS} terms, got {len(names)}")
     for name in names:
         if name not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {name!r}; valid loss types: {', '.join(LOSS_TYPES)}")
@@ -186,13 +191,21 @@ def check_ld_alpha(ld_alpha: float | None) -> float | None:
 
 
 # Input checks shared by every backend. They name the argument and, where a tensor's values are wrong, say which
-# values are allowed. The label range check reads the labels once on the host (one synchronisation per call).
+# values are allowed. Checks of tensor *values* read them on the host only where that costs no synchronisation
+# (CPU tensors, outside torch.compile); elsewhere a bad label gives NaN outputs (the kernels' policy) and a bad
+# `cu_seqlens` a device-side assertion, so a CUDA call never waits for the device before its first launch.
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """True where reading `t`'s values costs no device synchronisation and no graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_logits_labels(logits, labels, ignore_index: int, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {_describe(logits)}")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+    integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
+    if not integer or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {_describe(labels)}")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
@@ -203,15 +216,32 @@ def check_logits_labels(logits, labels, ignore_index: int, name: str = "logits")
         )
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but {name} are on {logits.device}")
-    V = logits.shape[-1]
-    if torch.compiler.is_compiling():  # no host read inside a compiled graph: the kernels give NaN instead
+    if not _host_checks(labels):  # the kernels give NaN for a bad label instead
         return
+    V = logits.shape[-1]
     bad = (labels < 0) | (labels >= V)
     bad &= labels != ignore_index
     if bool(bad.any()):
         raise ValueError(
             f"labels must be in [0, {V}) or equal ignore_index={ignore_index}; "
             f"found {labels[bad].flatten()[:4].tolist()}"
+        )
+
+
+def check_labels_or_mask(labels_or_mask, ignore_index: int) -> None:
+    """An integer tensor is read as labels; one of only 0s and 1s without any `ignore_index` is almost surely a 0/1
+    mask (TRL's int64 `completion_mask`), which read as labels would score every position: refused where its values
+    can be read for free (see `_host_checks`)."""
+    if not isinstance(labels_or_mask, torch.Tensor) or labels_or_mask.is_complex():
+        raise TypeError(f"labels_or_mask must be a tensor of labels or a mask, got {_describe(labels_or_mask)}")
+    t = labels_or_mask
+    if t.dtype == torch.bool or t.is_floating_point() or t.numel() == 0 or not _host_checks(t):
+        return
+    if ignore_index not in (0, 1) and bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(
+            f"labels_or_mask is an integer tensor of only 0s and 1s without ignore_index={ignore_index}: it would be "
+            "read as labels, scoring every position. Pass a mask as bool (e.g. completion_mask.bool()), or labels "
+            "with ignore_index at the unscored positions"
         )
 
 
@@ -266,22 +296,25 @@ def check_even_rows(S: int, what: str = "sequences") -> int:
 
 def check_cu_seqlens(cu_seqlens, N: int, device) -> None:
     """Packed layout: cu_seqlens [S+1] integer, 0 = cu[0] <= cu[1] <= ... <= cu[S] = N."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
-        torch.int32,
-        torch.int64,
-    ):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {_describe(cu_seqlens)}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
-    values = cu_seqlens.tolist()
-    if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
-    if any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if values[-1] != N:
-        raise ValueError(f"cu_seqlens must end at the number of tokens N = {N}, got {values[-1]}")
+    valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == N) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    if not _host_checks(cu_seqlens):
+        # no host read: the device raises (asynchronously) instead
+        torch._assert_async(valid, f"cu_seqlens must start at 0, be non-decreasing and end at N = {N}")
+        return
+    if bool(valid):
+        return
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if last != N:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N = {N}, got {last}")
+    raise ValueError("cu_seqlens must be non-decreasing")
 
 
 def _describe(value) -> str:

@@ -101,7 +101,8 @@ class SequenceLogps(NamedTuple):
 
 
 def scored_mask(labels_or_mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Bool mask of scored tokens from labels (≠ ignore_index) or a mask (bool, or 0/1 of any dtype)."""
+    """Bool mask of scored tokens: from labels (an integer tensor: scored where ≠ ignore_index) or a mask (bool, or a
+    floating-point 0/1 tensor). An integer 0/1 tensor is labels: pass a mask as bool."""
     if labels_or_mask.dtype == torch.bool:
         return labels_or_mask
     if labels_or_mask.is_floating_point():
@@ -116,7 +117,8 @@ def _segment_ids(shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> 
         return torch.arange(S, device=device).repeat_interleave(T), S
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S = lengths.numel()
-    return torch.arange(S, device=device).repeat_interleave(lengths), S
+    # output_size: the token count is known, so no device → host read of the lengths
+    return torch.arange(S, device=device).repeat_interleave(lengths, output_size=shape[0]), S
 
 
 def sequence_logps(
@@ -132,7 +134,8 @@ def sequence_logps(
 
     Padded: `token_logps` [S, T] with labels (or a mask) [S, T]. Packed: `token_logps` [N] with labels [N] and
     `cu_seqlens` [S+1]. With `ld_alpha` (LD-DPO), sequences s and s + S/2 form a pair; the k-th scored token of a
-    sequence weighs 1 if k ≤ min(n_s, n_pair), else `ld_alpha`.
+    sequence weighs 1 if k ≤ min(n_s, n_pair), else `ld_alpha`. Sums are float64 (an unscored token's value, NaN
+    or inf included, never reaches them).
     """
     ld_alpha = L.check_ld_alpha(ld_alpha)
     if not isinstance(token_logps, torch.Tensor) or not token_logps.is_floating_point():
@@ -156,8 +159,10 @@ def sequence_logps(
     seg, S = _segment_ids(token_logps.shape, cu_seqlens, device)
     if ld_alpha is not None:
         L.check_even_rows(S)
+    L.check_labels_or_mask(labels_or_mask, ignore_index)
     mask = scored_mask(labels_or_mask, ignore_index).reshape(-1)
-    lp = token_logps.reshape(-1) * mask
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    lp = torch.where(mask, token_logps.reshape(-1).to(torch.float64), zero)
 
     def seg_sum(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(S, dtype=values.dtype, device=device).index_add(0, seg, values)
@@ -177,7 +182,7 @@ def sequence_logps(
     stats = None
     if token_stats is not None:
         stats = SequenceStats(
-            *(seg_sum(torch.where(mask, t.reshape(-1).to(lp.dtype), 0.0)) for t in token_stats), n_tokens=n_tokens
+            *(seg_sum(torch.where(mask, t.reshape(-1).to(lp.dtype), zero)) for t in token_stats), n_tokens=n_tokens
         )
     return SequenceLogps(logps=weighted, n_tokens=n_tokens, raw_logps=raw, stats=stats)
 
@@ -210,6 +215,19 @@ class DPOOutput:
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     metrics: dict[str, torch.Tensor]
+
+    def to(self, dtype: torch.dtype) -> DPOOutput:
+        """Every floating-point field in `dtype` (differentiable casts; a no-op where the dtype already is)."""
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        return DPOOutput(
+            loss=cast(self.loss),
+            losses=cast(self.losses),
+            chosen_rewards=cast(self.chosen_rewards),
+            rejected_rewards=cast(self.rejected_rewards),
+            chosen_logps=cast(self.chosen_logps),
+            rejected_logps=cast(self.rejected_logps),
+            metrics={key: cast(value) for key, value in self.metrics.items()},
+        )
 
 
 def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -403,46 +421,48 @@ def dpo_loss_from_logits(
     ignore_index: int = -100,
     temperature: float = 1.0,
     return_stats: bool = False,
-    token_logps_fn=None,
     **loss_options,
 ) -> DPOOutput:
-    """token_logps → sequence_logps → dpo_loss; see `dpo_kernels.dpo_loss_from_logits` for the arguments.
-
-    `token_logps_fn` swaps in another backend's per-token log-prob function (same signature as `token_logps`).
-    """
-    token_fn = token_logps if token_logps_fn is None else token_logps_fn
+    """token_logps → sequence_logps → dpo_loss; see `dpo_kernels.dpo_loss_from_logits` for the arguments. Outputs
+    are float64 (the sequence sums are); the reference log-probs get no gradient."""
 
     def sequences(x: torch.Tensor, with_stats: bool) -> SequenceLogps:
-        out = token_fn(x, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats)
+        out = token_logps(x, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats)
         lp, stats = out if with_stats else (out, None)
         return sequence_logps(
             lp, labels, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, ignore_index=ignore_index
         )
 
-    rc, rr = reference_logps(
-        ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, lambda: sequences(ref_logits, False).logps
-    )
+    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
+    if given[0] != given[1] or given[0] + (ref_logits is not None) + bool(reference_free) != 1:
+        raise ValueError("give the reference exactly one way: both ref log-probs, ref_logits or reference_free=True")
     seq = sequences(logits, return_stats or use_weighting)
+    B = L.check_even_rows(seq.logps.shape[0])
+    if reference_free:
+        rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
+    elif ref_logits is not None:
+        with torch.no_grad():
+            ref = sequences(ref_logits, False).logps
+        rc, rr = ref[:B], ref[B:]
+    else:
+        rc, rr = ref_chosen_logps.detach(), ref_rejected_logps.detach()
     return dpo_loss_from_sequences(seq, rc, rr, use_weighting=use_weighting, return_stats=return_stats, **loss_options)
 
 
 def dpo_loss_from_sequences(
     seq: SequenceLogps,
-    rc: torch.Tensor | None,
-    rr: torch.Tensor | None,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
     *,
     use_weighting: bool,
     return_stats: bool,
-    dpo_loss_fn=None,
     **loss_options,
 ) -> DPOOutput:
-    """The per-sequence end of the from-logits and from-hidden paths: the policy's sequence sums [2B] (chosen
-    first) and the reference's [B] (None: reference-free) → `dpo_loss` (or a backend's `dpo_loss_fn`), with the
-    token counts as lengths, the plain chosen sums for sft, WPO weights and the stats metrics."""
+    """The per-sequence end of the from-logits and from-hidden math: the policy's sequence sums [2B] (chosen first)
+    and the reference's [B] → `dpo_loss`, with the token counts as lengths, the plain chosen sums for sft, WPO
+    weights and the stats metrics."""
     B = L.check_even_rows(seq.logps.shape[0])
-    if rc is None:  # reference-free
-        rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
-    return (dpo_loss if dpo_loss_fn is None else dpo_loss_fn)(
+    return dpo_loss(
         seq.logps[:B],
         seq.logps[B:],
         rc,
@@ -455,25 +475,3 @@ def dpo_loss_from_sequences(
         sequence_stats=seq.stats if return_stats else None,
         **loss_options,
     )
-
-
-def reference_logps(ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, compute):
-    """Resolves the three ways to give the reference: precomputed [B] log-probs, `ref_logits` (run through
-    `compute()` without gradient), or `reference_free=True` (returns (None, None): zeros)."""
-    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
-    if given[0] != given[1]:
-        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
-    ways = given[0] + (ref_logits is not None) + bool(reference_free)
-    if ways != 1:
-        raise ValueError(
-            "give the reference exactly one way: ref_chosen_logps and ref_rejected_logps, or ref_logits, "
-            "or reference_free=True"
-        )
-    if reference_free:
-        return None, None
-    if ref_logits is not None:
-        with torch.no_grad():
-            ref = compute()
-        B = L.check_even_rows(ref.shape[0])
-        return ref[:B], ref[B:]
-    return ref_chosen_logps, ref_rejected_logps

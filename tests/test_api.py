@@ -199,7 +199,7 @@ def test_inplace_grad_writes_into_logits(backend):
     labels = torch.randint(0, 33, (2, 6))
     x = logits.clone().requires_grad_()
     expected = torch.autograd.grad(dk.dpo_loss_from_logits(x, labels, reference_free=True, backend=backend).loss, x)[0]
-    y = logits.clone().requires_grad_()
+    y = logits.clone().requires_grad_() * 1  # a non-leaf: in place on a leaf is refused
     out = dk.dpo_loss_from_logits(y, labels, reference_free=True, inplace_grad=True, backend=backend)
     (grad,) = torch.autograd.grad(out.loss, y)
     assert grad.data_ptr() == y.data_ptr()

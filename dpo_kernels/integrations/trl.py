@@ -256,6 +256,7 @@ class _KernelLoss:
         )
         B = seq.logps.shape[0] // 2
         lengths = completion_mask.sum(1)
+        # float64 sequence sums give float64 outputs: the loss in the logits' precision, as dpo_loss_from_logits
         return dk.dpo_loss(
             seq.logps[:B],
             seq.logps[B:],
@@ -269,7 +270,7 @@ class _KernelLoss:
             sequence_stats=seq.stats,
             backend=self._dk_backend,
             **options,
-        )
+        ).to(torch.promote_types(logits.dtype, torch.float32))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

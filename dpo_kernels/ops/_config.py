@@ -9,12 +9,12 @@ import torch
 import triton
 
 
-def empty_f32(*shape: int, device: torch.device | str) -> torch.Tensor:
-    """An fp32 output buffer; NaN-filled when DPO_KERNELS_POISON=1 so that a row a kernel forgets to write fails
-    the tests instead of passing with stale memory."""
+def empty_f32(*shape: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An fp32 (or `dtype`) output buffer; NaN-filled when DPO_KERNELS_POISON=1 so that a row a kernel forgets to
+    write fails the tests instead of passing with stale memory."""
     if os.environ.get("DPO_KERNELS_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def logprobs_launch_config(

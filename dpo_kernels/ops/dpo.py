@@ -77,9 +77,11 @@ _JS_DIVERGENCE = tl.constexpr(L.F_DIVERGENCES.index("js_divergence"))
 _ALPHA_CLAMP = tl.constexpr(L.ALPHA_DIVERGENCE_CLAMP)
 _LOG2 = tl.constexpr(math.log(2.0))
 
-# The loss codes reach the kernel as one constexpr integer, 4 bits per term (codes 0..14).
-CODE_BITS = 4
-MAX_TERMS = 15
+# The loss codes reach the kernel as one constexpr integer, CODE_BITS bits per term, sized from the registry so that
+# a new loss type widens the field instead of aliasing another code.
+CODE_BITS = max(1, (len(L.LOSS_TYPES) - 1).bit_length())
+MAX_TERMS = L.MAX_LOSS_TERMS
+assert CODE_BITS * MAX_TERMS <= 63, "the packed loss codes must fit one int64 constexpr"
 
 
 @triton.jit
@@ -233,8 +235,8 @@ def _loss_term(
         a_ptr = sorted_ptr + ROW * B
         b_ptr = sorted_ptr + (ROW + 1) * B
         if CODE == _AOT:
-            a = pc - pr
-            b = rc - rr
+            a = (pc - pr).to(tl.float32)
+            b = (rc - rr).to(tl.float32)
         else:
             a = xc
             b = xr
@@ -274,7 +276,7 @@ def _dpo_fwd_kernel(
     sorted_ptr, ranks_ptr, loss_weights_ptr,  # aot's [4, B] sorted values and ranks; [K] weights
     loss_ptr, losses_ptr, grads_ptr, rewards_ptr, metrics_ptr,  # outputs
     B, beta, eps, tau, log1m_eps, log_eps, alpha_coef,  # sizes and scalars
-    K: tl.constexpr, LOSS_CODES: tl.constexpr, F_DIV: tl.constexpr,
+    K: tl.constexpr, LOSS_CODES: tl.constexpr, CODE_BITS: tl.constexpr, F_DIV: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_SFT: tl.constexpr, SFT_ON_PC: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
@@ -291,7 +293,7 @@ def _dpo_fwd_kernel(
         for start in range(0, B, BLOCK_B):
             offs = start + cols
             mask = offs < B
-            acc_sum += tl.load(sft_sum_ptr + offs, mask=mask, other=0.0)
+            acc_sum += tl.load(sft_sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc_count += tl.load(sft_count_ptr + offs, mask=mask, other=0).to(tl.float32)
             if HAS_WEIGHTS:
                 acc_weight += tl.load(pair_weights_ptr + offs, mask=mask, other=0.0)
@@ -317,8 +319,10 @@ def _dpo_fwd_kernel(
         pr = tl.load(pr_ptr + offs, mask=mask, other=0.0)
         rc = tl.load(rc_ptr + offs, mask=mask, other=0.0)
         rr = tl.load(rr_ptr + offs, mask=mask, other=0.0)
-        xc = pc - rc
-        xr = pr - rr
+        # the log-ratios are differences of sums of thousands of nats: formed in the inputs' precision (float64
+        # sequence sums), then fp32 for the rest
+        xc = (pc - rc).to(tl.float32)
+        xr = (pr - rr).to(tl.float32)
         sc, fpc = _f_divergence(xc, alpha_coef, F_DIV)
         sr, fpr = _f_divergence(xr, alpha_coef, F_DIV)
         nc = tl.full([BLOCK_B], 1.0, tl.float32)
@@ -335,10 +339,10 @@ def _dpo_fwd_kernel(
             omega = tl.load(pair_weights_ptr + offs, mask=mask, other=0.0)
         for k in tl.static_range(K):
             w = tl.load(loss_weights_ptr + k)
-            # the k-th loss code (CODE_BITS = 4 bits each), passed as an expression: a constexpr
+            # the k-th loss code (CODE_BITS bits each), passed as an expression: a constexpr
             # cannot be re-bound in a loop
             ell, d_pc, d_pr, d_rc, d_rr, d_sft = _loss_term(
-                (LOSS_CODES >> (4 * k)) & 15,
+                (LOSS_CODES >> (CODE_BITS * k)) & ((1 << CODE_BITS) - 1),
                 pc, pr, rc, rr, xc, xr, sc, sr, fpc, fpr, nc, nr,
                 offs, mask, sorted_ptr, ranks_ptr, B,
                 beta, eps, tau, log1m_eps, log_eps, sft_loss, sft_grad,
@@ -372,8 +376,8 @@ def _dpo_fwd_kernel(
         acc_rejected += tl.where(mask, rejected, 0.0)
         acc_margin += tl.where(mask, chosen - rejected, 0.0)
         acc_correct += tl.where(mask & (chosen > rejected), 1.0, 0.0)
-        acc_pc += tl.where(mask, pc, 0.0)
-        acc_pr += tl.where(mask, pr, 0.0)
+        acc_pc += tl.where(mask, pc.to(tl.float32), 0.0)
+        acc_pr += tl.where(mask, pr.to(tl.float32), 0.0)
     tl.store(loss_ptr, tl.sum(acc_loss, 0) * inv_B)
     tl.store(metrics_ptr + 0, tl.sum(acc_chosen, 0) * inv_B)
     tl.store(metrics_ptr + 1, tl.sum(acc_rejected, 0) * inv_B)
@@ -426,8 +430,9 @@ def dpo_fwd(
     """Loss, per-pair losses, analytic gradients, rewards and reward metrics of `config`'s loss mix.
 
     Args:
-        pc, pr, rc, rr: [B] policy / reference log-probs of the chosen and rejected completions
-            (fp32; other float dtypes are converted).
+        pc, pr, rc, rr: [B] policy / reference log-probs of the chosen and rejected completions: all
+            four are read in float64 when one is float64 (the log-ratios keep the precision of sums
+            of thousands of nats), else in fp32.
         config: a `losses.LossConfig` (at most MAX_TERMS = 15 terms).
         chosen_lengths, rejected_lengths: [B] completion-token counts (any numeric dtype, clamped
             ≥ 1); required by ipo and sigmoid_norm.
@@ -453,7 +458,9 @@ def dpo_fwd(
     has_weights = pair_weights is not None
     if has_weights and config.needs_sort:
         raise ValueError("WPO pair_weights are not supported with 'aot' / 'aot_unpaired'")
-    pc, pr, rc, rr = (_f32(t) for t in (pc, pr, rc, rr))
+    # float64 log-probs stay float64 (the kernel forms the log-ratios in their precision); others become fp32
+    wide = torch.float64 if torch.float64 in (pc.dtype, pr.dtype, rc.dtype, rr.dtype) else torch.float32
+    pc, pr, rc, rr = (t.to(wide).contiguous() for t in (pc, pr, rc, rr))
     sft_on_pc = config.has_sft and sft_sum is None
     if config.has_sft:
         sft_sum = pc if sft_sum is None else _f32(sft_sum)
@@ -463,6 +470,7 @@ def dpo_fwd(
         sft_count = sft_count.contiguous()
     if config.needs_sort:
         sorted_values, ranks = _sorted_inputs(pc, pr, rc, rr)
+        sorted_values = _f32(sorted_values)
     else:
         sorted_values, ranks = pc, pc  # never read
     eps = config.label_smoothing
@@ -484,7 +492,7 @@ def dpo_fwd(
         sorted_values, ranks, _loss_weights(config.loss_weights, device),
         loss, losses, grads, rewards, metrics,
         B, config.beta, eps, config.discopop_tau, *exo_logs, config.f_alpha_divergence_coef,
-        K=K, LOSS_CODES=sum(code << (CODE_BITS * k) for k, code in enumerate(codes)),
+        K=K, LOSS_CODES=sum(code << (CODE_BITS * k) for k, code in enumerate(codes)), CODE_BITS=CODE_BITS,
         F_DIV=config.f_divergence_code, HAS_LENGTHS=has_lengths, HAS_WEIGHTS=has_weights,
         HAS_SFT=config.has_sft, SFT_ON_PC=sft_on_pc, BLOCK_B=BLOCK_B, num_warps=num_warps,
     )  # fmt: skip

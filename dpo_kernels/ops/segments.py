@@ -15,8 +15,11 @@ spec's rank_t <= min(n[s], n[partner]). Without α, w_t = 1 and logp = plain[0].
 
 Backward: grad_tokens[t] = scored_t · (grad_weighted[s] · w_t + grad_plain[s]), t in sequence s.
 
+Sums accumulate in float64: a DPO margin is a difference of sums of thousands of nats, and fp32
+accumulation over a few hundred tokens loses more than the loss can afford.
+
 Forward reads C·4 + 8 bytes per token (8 more per partner token with LD-DPO) and writes
-(C + 1)·4 + 8 bytes per sequence; backward reads 8 bytes (labels) and writes 4 bytes per token.
+(C + 1)·8 + 8 bytes per sequence; backward reads 8 bytes (labels) and writes 4 bytes per token.
 """
 
 import torch
@@ -55,9 +58,10 @@ def _segments_fwd_kernel(
         partner_start = tl.load(starts_ptr + partner).to(tl.int64)
         partner_end = tl.load(starts_ptr + partner + 1).to(tl.int64)
         n_partner = _count_scored(labels_ptr, partner_start, partner_end, ignore_index, BLOCK_T)
-    acc_plain = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_weighted = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_stats = tl.zeros([BLOCK_STATS, BLOCK_T], dtype=tl.float32)
+    # float64 accumulators: a sum of thousands of fp32 token log-probs keeps every bit of them
+    acc_plain = tl.zeros([BLOCK_T], dtype=tl.float64)
+    acc_weighted = tl.zeros([BLOCK_T], dtype=tl.float64)
+    acc_stats = tl.zeros([BLOCK_STATS, BLOCK_T], dtype=tl.float64)
     stat_rows = 1 + tl.arange(0, BLOCK_STATS).to(tl.int64)
     count = 0
     for t0 in range(start, end, BLOCK_T):
@@ -65,7 +69,7 @@ def _segments_fwd_kernel(
         labels = tl.load(labels_ptr + offs, mask=offs < end, other=ignore_index)
         scored = labels != ignore_index
         # unscored tokens are not read: whatever their values, they never reach a sum
-        lp = tl.load(values_ptr + offs, mask=scored, other=0.0).to(tl.float32)
+        lp = tl.load(values_ptr + offs, mask=scored, other=0.0).to(tl.float64)
         acc_plain += lp
         if HAS_LD:
             rank = count + tl.cumsum(scored.to(tl.int32), 0)
@@ -73,7 +77,7 @@ def _segments_fwd_kernel(
         if N_STATS > 0:
             ptrs = values_ptr + stat_rows[:, None] * stride_values_row + offs[None, :]
             stat_mask = (stat_rows[:, None] <= N_STATS) & scored[None, :]
-            acc_stats += tl.load(ptrs, mask=stat_mask, other=0.0).to(tl.float32)
+            acc_stats += tl.load(ptrs, mask=stat_mask, other=0.0).to(tl.float64)
         count += tl.sum(scored.to(tl.int32), 0)
     plain = tl.sum(acc_plain, 0)
     if HAS_LD:
@@ -151,7 +155,7 @@ def segments_fwd(
         ld_alpha: LD-DPO weight of tokens past the shared length (None: plain sums); S must then
             be even.
     Returns:
-        sums fp32 [C+1, S] (row 0: LD-weighted log-prob sums, the plain sums without ld_alpha;
+        sums float64 [C+1, S] (row 0: LD-weighted log-prob sums, the plain sums without ld_alpha;
         row 1: plain log-prob sums; row c+1: plain sums of values[c] for c >= 1) and n_tokens
         int64 [S].
 
@@ -165,7 +169,7 @@ def segments_fwd(
     C = values.shape[0]
     S = seq_starts.numel() - 1
     has_ld, alpha = _check_ld(ld_alpha, S)
-    sums = empty_f32(C + 1, S, device=values.device)
+    sums = empty_f32(C + 1, S, device=values.device, dtype=torch.float64)
     n_tokens = torch.empty(S, dtype=torch.int64, device=values.device)
     if S == 0:
         return sums, n_tokens
