@@ -4,9 +4,9 @@ would have (bit for bit on the CPU).
 A checkpoint is a folder `checkpoint-<step>` in the output folder, loadable as a model (`save_pretrained`'s files
 and the tokenizer) and holding `trainer_state.pt`: the phase (sft / dpo) and its step, the optimizer and
 scheduler, the reference (the frozen copy's weights, or the precomputed tables), the held-out metrics before DPO,
-the data order, the RNG states (torch, CUDA, Python, NumPy), and the metrics written so far with the window not yet
-logged. `trainer_state.json` says the same in words. It is written to a temporary folder and renamed, so a folder
-named `checkpoint-*` is always whole; only the last `save_total_limit` are kept.
+the data order, the metrics written so far, and per rank the RNG states (torch, CUDA, Python, NumPy) and the
+metrics not yet logged. `trainer_state.json` says the same in words. It is written to a temporary folder and
+renamed, so a folder named `checkpoint-*` is always whole; only the last `save_total_limit` are kept.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def save(output_dir: str | Path, step: int, policy, tokenizer, state: dict, keep
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({**state, "rng": rng_state()}, tmp / STATE)
+    torch.save(state, tmp / STATE)
     summary = {k: state[k] for k in ("phase", "phase_step", "step", "skipped_steps")}
     (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
     if final.exists():  # the same step saved again (a resumed run interrupted at once): replace it
@@ -98,7 +98,7 @@ def save(output_dir: str | Path, step: int, policy, tokenizer, state: dict, keep
 
 def load(path: Path, policy) -> dict:
     """Loads the policy's weights from checkpoint `path` into `policy` and returns its trainer state (the RNG
-    states not yet applied: `set_rng_state(state["rng"])` once the set-up is done)."""
+    states not yet applied: `set_rng_state(state["ranks"][rank]["rng"])` once the set-up is done)."""
     from safetensors.torch import load_file
 
     weights = load_file(path / "model.safetensors", device=str(next(policy.parameters()).device))

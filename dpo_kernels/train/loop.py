@@ -476,7 +476,7 @@ class Metrics:
             tqdm.write(f"{record['phase']} {record['step']:>5}  {values}")
 
     def state_dict(self) -> dict:
-        return {"records": list(self.records), "window": dict(self.window), "num_tokens": self.num_tokens}
+        return {"records": list(self.records)}  # the window and token count are per rank: Trainer.save
 
     def close(self) -> None:
         if self.file:
@@ -582,7 +582,14 @@ class Trainer:
     def __init__(self, run: Run, signals: Signals):
         self.run, self.knobs, self.signals = run, run.knobs, signals
         self.resumed = checkpoint.load(run.resume, run.policy) if run.resume else None
-        self.metrics = Metrics(run, self.resumed["metrics"] if self.resumed else None)
+        self.rank_state = None  # what differs between ranks: the metrics not yet logged, the RNG states
+        if self.resumed:
+            ranks = self.resumed["ranks"]
+            if len(ranks) != run.world:
+                raise ValueError(f"{run.resume}: saved by {len(ranks)} ranks, resumed by {run.world}")
+            self.rank_state = ranks[run.rank]
+        resumed_metrics = {**self.resumed["metrics"], **self.rank_state} if self.resumed else None
+        self.metrics = Metrics(run, resumed_metrics)
         self.batches = Batches(run)
         self.model = run.model
         if run.world > 1:
@@ -654,7 +661,7 @@ class Trainer:
             optimizer.load_state_dict(self.resumed["optimizer"])
             schedule.load_state_dict(self.resumed["scheduler"])
             first = self.resumed["phase_step"] + 1
-            checkpoint.set_rng_state(self.resumed["rng"])
+            checkpoint.set_rng_state(self.rank_state["rng"])
             log.info("resumed from %s at %s step %d", run.resume, phase, first - 1)
         bar = tqdm(range(first, steps + 1), desc=phase, disable=run.rank > 0, dynamic_ncols=True)
         for i in bar:
@@ -706,7 +713,7 @@ class Trainer:
                 state = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict()}
                 self.save(phase, i, step + i, state)
             if stop["signal"]:
-                signum = int(self.signals.received or stop["signal"])
+                signum = int(self.signals.received or signal.SIGTERM)  # a rank that got none: the launcher's
                 name = signal.Signals(signum).name
                 self.metrics.close()
                 raise StopTraining(
@@ -737,6 +744,15 @@ class Trainer:
             "batches": self.batches.state_dict(),
             "metrics": {**self.metrics.state_dict(), "step": step},
         }
+        mine = {
+            "window": dict(self.metrics.window),
+            "num_tokens": self.metrics.num_tokens,
+            "rng": checkpoint.rng_state(),
+        }
+        state["ranks"] = [mine]
+        if self.run.world > 1:
+            state["ranks"] = [None] * self.run.world
+            dist.all_gather_object(state["ranks"], mine)
         path = None
         if self.run.rank == 0:
             path = checkpoint.save(
