@@ -193,3 +193,28 @@ def test_save_total_limit_keeps_the_last(tmp_path, cache_dir):
     assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"])
+
+
+def test_trainer_trl_interrupted_and_resumed(tmp_path, cache_dir):
+    pytest.importorskip("trl", reason="--trainer trl needs TRL")
+    extra = ("--trainer", "trl", "--sft-steps", "2", "--max-steps", "12", "--eval-steps", "0")
+    records = {}
+    for name in ("uninterrupted", "interrupted"):
+        out = tmp_path / name
+        proc = script(flags(out, cache_dir, *extra))
+        if name == "interrupted":
+            interrupt_in(proc, out, "dpo", signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+        if name == "interrupted":
+            assert proc.returncode == 130, err
+            message = err.strip().splitlines()[-1]
+            assert re.match(r"SIGINT at TRL step \d+: TRL saved .*/trl/checkpoint-\d+; continue with", message), message
+            resumed = script(flags(out, cache_dir, *extra, "--resume-from-checkpoint", "latest"))
+            _, err = resumed.communicate(timeout=600)
+            assert resumed.returncode == 0, err
+        else:
+            assert proc.returncode == 0, err
+        # TRL's closing summary holds run times: compare the logged steps
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        records[name] = [r for r in map(json.loads, lines) if "loss" in r or "eval_loss" in r]
+    assert records["interrupted"] == records["uninterrupted"]

@@ -13,6 +13,8 @@ from pathlib import Path
 from dpo_kernels.train import checkpoint
 from dpo_kernels.train.knobs import Knobs
 
+TOKENS = "dpo_kernels_num_tokens.json"
+
 
 def trl_config(knobs: Knobs, **extra):
     """DPOConfig from the knobs (same names where TRL has the knob)."""
@@ -72,7 +74,7 @@ def dpo_in_trl(ours, ref_model, step: int) -> int:
     knobs = run.knobs
     config = trl_config(knobs)
     trl_resume = None
-    if run.resume is not None:
+    if ours.resumed is not None and ours.resumed["phase"] == "dpo":
         found = checkpoint.checkpoints(config.output_dir, "trainer_state.json")
         trl_resume = str(found[-1]) if found else None
         if trl_resume:  # TRL's logs up to its checkpoint, as the uninterrupted run wrote them
@@ -92,6 +94,11 @@ def dpo_in_trl(ours, ref_model, step: int) -> int:
                 bad.append(f"non-finite loss or gradient norm at TRL step {state.global_step} ({logs})")
                 control.should_training_stop = True
 
+        def on_save(self, args, state, control, **kwargs):
+            # TRL 1.16 does not save its num_tokens counter: a resumed run would count from 0
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TOKENS
+            path.write_text(json.dumps({"num_tokens": getattr(trainer, "_total_train_tokens", 0)}))
+
         def on_step_end(self, args, state, control, **kwargs):
             if signals.received:
                 control.should_save = True
@@ -107,6 +114,8 @@ def dpo_in_trl(ours, ref_model, step: int) -> int:
         callbacks=[Log()],
         backend=knobs.backend,
     )
+    if trl_resume and (Path(trl_resume) / TOKENS).exists():
+        trainer._total_train_tokens = json.loads((Path(trl_resume) / TOKENS).read_text())["num_tokens"]
     trainer.train(resume_from_checkpoint=trl_resume)
     if bad:
         metrics.close()
