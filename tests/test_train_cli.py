@@ -280,6 +280,22 @@ def test_tensorboard_event_file(tmp_path, cache_dir):
     assert [v for _, v in logged] == pytest.approx([v for _, v in written], rel=1e-6)
 
 
+def test_wandb_offline_without_network(tmp_path, cache_dir, monkeypatch, caplog):
+    pytest.importorskip("wandb", reason="wandb is not installed")
+    from dpo_kernels.train import loop
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(loop, "_wandb_reachable", lambda: False)  # what a machine without a network sees
+    knobs = tiny_knobs(tmp_path, cache_dir, max_steps=4, report_to=["wandb"])
+    with caplog.at_level(logging.WARNING):
+        train(prepare(knobs))
+    assert "--report-to wandb: no network to wandb.ai, logging offline" in caplog.text
+    (run_file,) = (tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = run_file.read_bytes()
+    for key in (b"sft/loss", b"dpo/loss", b"dpo/rewards/accuracies", b"eval_loss"):
+        assert key in logged, key
+
+
 def test_report_to_needs_its_package(tmp_path, cache_dir, monkeypatch):
     import importlib.util
 
