@@ -87,6 +87,7 @@ def uninterrupted(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, phase",
     [
@@ -145,7 +146,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path, cache_dir,
 
 def test_skip_nonfinite_steps_counts_them(tmp_path, cache_dir):
     out = tmp_path / "out"
-    argv = flags(out, cache_dir, "--sft-lr", "1e30", "--max-grad-norm", "1e30", "--max-steps", "2")
+    argv = flags(out, cache_dir, "--sft-lr", "1e30", "--max-grad-norm", "1e30", "--sft-steps", "3", "--max-steps", "1")
     main(argv + ["--skip-nonfinite-steps"])
     records = [json.loads(line, parse_constant=pytest.fail) for line in (out / "metrics.jsonl").open()]
     sft = [r for r in records if r["phase"] == "sft"]
@@ -187,6 +188,17 @@ def test_resume_refuses_other_knobs(tmp_path, cache_dir, capsys):
     )
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    main(flags(out, cache_dir, "--sft-steps", "2", "--max-steps", "2", "--save-steps", "2"))
+    with pytest.raises(SystemExit) as info:
+        main(flags(out, cache_dir, "--sft-steps", "2", "--max-steps", "2"))
+    assert str(info.value) == (
+        f"error: --output-dir {out} holds checkpoints of an earlier run: go on with --resume-from-checkpoint latest, "
+        "or write to another --output-dir"
+    )
+
+
 def test_save_total_limit_keeps_the_last(tmp_path, cache_dir):
     out = tmp_path / "out"
     main(flags(out, cache_dir, "--sft-steps", "2", "--max-steps", "3", "--save-steps", "1", "--save-total-limit", "2"))
@@ -195,9 +207,10 @@ def test_save_total_limit_keeps_the_last(tmp_path, cache_dir):
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"])
 
 
+@pytest.mark.slow
 def test_trainer_trl_interrupted_and_resumed(tmp_path, cache_dir):
     pytest.importorskip("trl", reason="--trainer trl needs TRL")
-    extra = ("--trainer", "trl", "--sft-steps", "2", "--max-steps", "12", "--eval-steps", "0")
+    extra = ("--trainer", "trl", "--sft-steps", "2", "--max-steps", "8", "--eval-steps", "0")
     records = {}
     for name in ("uninterrupted", "interrupted"):
         out = tmp_path / name

@@ -127,6 +127,12 @@ def prepare(knobs: Knobs) -> Run:
     if knobs.resume_from_checkpoint:
         resume = checkpoint.resolve(knobs.resume_from_checkpoint, knobs.output_dir)
         check_same_knobs(knobs, resume)
+    elif checkpoint.checkpoints(knobs.output_dir):
+        # a fresh run there would mix its checkpoints with the earlier run's, and `latest` could pick theirs
+        raise ValueError(
+            f"--output-dir {knobs.output_dir} holds checkpoints of an earlier run: go on with "
+            "--resume-from-checkpoint latest, or write to another --output-dir"
+        )
     train_ds, eval_ds, eval_name = load_datasets(knobs)
     rank, world, device = init_distributed()
     if knobs.bf16 is None:
