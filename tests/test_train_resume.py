@@ -119,8 +119,34 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, cache_dir, uninte
     resumed = script(flags(out, cache_dir, "--resume", "latest"))
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
+    assert f"resumed from {saved} at {phase} step {state['phase_step']}" in err  # not from scratch
     assert (out / "metrics.jsonl").read_text() == expected  # bit for bit
     assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # logged every 3 steps, saved every 4: the checkpoint holds metrics not yet logged
+        pytest.param(("--gradient-accumulation-steps", "2", "--logging-steps", "3"), id="accumulation"),
+        pytest.param(("--precompute-ref-log-probs",), id="precomputed-reference"),
+        pytest.param(("--ref-model-sync-steps", "3", "--ref-model-mixup-alpha", "0.5"), id="tr-dpo"),
+    ],
+)
+def test_resume_from_each_checkpoint(tmp_path, cache_dir, extra):
+    run = ("--sft-steps", "4", "--max-steps", "8", "--eval-steps", "5", "--save-steps", "4", "--save-total-limit", "0")
+    whole = tmp_path / "whole"
+    main(flags(whole, cache_dir, *run, *extra))
+    saved = checkpoint.checkpoints(whole)
+    assert [p.name for p in saved] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    for path in saved[:-1]:  # the end of SFT, mid DPO
+        out = tmp_path / path.name
+        out.mkdir()
+        main(flags(out, cache_dir, *run, *extra, "--resume-from-checkpoint", str(path)))
+        later = [p.name for p in saved if int(p.name.split("-")[1]) > int(path.name.split("-")[1])]
+        assert [p.name for p in checkpoint.checkpoints(out)] == later  # it went on from there, not from scratch
+        assert (out / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text(), path.name
+        assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path, cache_dir, capsys):
@@ -225,6 +251,7 @@ def test_trainer_trl_interrupted_and_resumed(tmp_path, cache_dir):
             resumed = script(flags(out, cache_dir, *extra, "--resume-from-checkpoint", "latest"))
             _, err = resumed.communicate(timeout=600)
             assert resumed.returncode == 0, err
+            assert re.search(r"resuming TRL from .*/trl/checkpoint-\d+", err), err  # not from scratch
         else:
             assert proc.returncode == 0, err
         # TRL's closing summary holds run times: compare the logged steps

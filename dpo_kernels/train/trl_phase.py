@@ -6,6 +6,7 @@ stops the run."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 from pathlib import Path
@@ -114,6 +115,8 @@ def dpo_in_trl(ours, ref_model, step: int) -> int:
         callbacks=[Log()],
         backend=knobs.backend,
     )
+    if trl_resume:
+        logging.getLogger("dpo_kernels.train").info("resuming TRL from %s", trl_resume)
     if trl_resume and (Path(trl_resume) / TOKENS).exists():
         trainer._total_train_tokens = json.loads((Path(trl_resume) / TOKENS).read_text())["num_tokens"]
     trainer.train(resume_from_checkpoint=trl_resume)
