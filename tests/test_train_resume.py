@@ -214,6 +214,16 @@ def test_resume_refuses_other_knobs(tmp_path, cache_dir, capsys):
     )
 
 
+def test_resume_without_a_checkpoint_is_named(tmp_path, cache_dir):
+    for spec, message in [
+        ("latest", f"--resume-from-checkpoint latest: no checkpoint in {tmp_path / 'out'}"),
+        (str(tmp_path), f"--resume-from-checkpoint {tmp_path}: not a checkpoint folder (no trainer_state.pt)"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(flags(tmp_path / "out", cache_dir, "--resume-from-checkpoint", spec))
+        assert str(info.value) == f"error: {message}"
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, cache_dir):
     out = tmp_path / "out"
     main(flags(out, cache_dir, "--sft-steps", "2", "--max-steps", "2", "--save-steps", "2"))
