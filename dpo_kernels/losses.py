@@ -9,40 +9,66 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+
+class LossType(NamedTuple):
+    """One loss type of TRL 1.16: everything the backends need to know about it, in one record.
+
+    family: which inputs its per-pair loss reads (the branch of the Triton kernel that computes it):
+        "delta"  z = β·(f(xc) − f(xr)), the f-divergence scores of the log-ratios;
+        "length" u = f(xc)/nc − f(xr)/nr, each score over its completion's token count;
+        "ratio"  the log-ratios xc, xr themselves;
+        "sorted" sorted batch-wide differences (the per-pair loss index is a rank, not a pair);
+        "sft"    the batch's chosen-token NLL (every pair gets the same value).
+    f_divergence: whether a non-default `f_divergence_type` applies to it (TRL refuses it with the others).
+    """
+
+    name: str
+    family: str
+    f_divergence: bool
+
+
 # The 15 loss types of TRL 1.16, in the order of its documentation. A loss type's code is its index here; the
 # Triton kernel branches on it.
-LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
+REGISTRY: tuple[LossType, ...] = (
+    LossType("sigmoid", "delta", f_divergence=True),
+    LossType("hinge", "delta", f_divergence=True),
+    LossType("ipo", "length", f_divergence=True),
+    LossType("exo_pair", "delta", f_divergence=True),
+    LossType("nca_pair", "ratio", f_divergence=False),
+    LossType("robust", "delta", f_divergence=True),
+    LossType("bco_pair", "ratio", f_divergence=False),
+    LossType("sppo_hard", "ratio", f_divergence=False),
+    LossType("aot", "sorted", f_divergence=False),
+    LossType("aot_unpaired", "sorted", f_divergence=False),
+    LossType("apo_zero", "ratio", f_divergence=False),
+    LossType("apo_down", "ratio", f_divergence=False),
+    LossType("discopop", "delta", f_divergence=True),
+    LossType("sft", "sft", f_divergence=True),
+    LossType("sigmoid_norm", "length", f_divergence=True),
 )
+LOSS_TYPES: tuple[str, ...] = tuple(t.name for t in REGISTRY)
+
+
+def family(name: str) -> frozenset[str]:
+    """The names of the loss types of one family (see `LossType`)."""
+    if name not in {t.family for t in REGISTRY}:
+        raise KeyError(f"no loss family {name!r}")
+    return frozenset(t.name for t in REGISTRY if t.family == name)
+
 
 # The most terms one loss mix may have (every backend: the Triton kernel packs the codes into one 64-bit constexpr).
 MAX_LOSS_TERMS = 15
 
 F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
-# Loss types whose inputs go through the f-divergence map (TRL refuses a non-default divergence with the others).
-F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
-# Loss types that divide each score by its own completion length.
-LENGTH_NORMALISED_LOSSES = frozenset({"ipo", "sigmoid_norm"})
-# Loss types that sort the batch (the per-pair loss index is a rank, not a pair).
-SORTED_LOSSES = frozenset({"aot", "aot_unpaired"})
+# Derived sets, for the checks and the backends.
+F_DIVERGENCE_LOSSES = frozenset(t.name for t in REGISTRY if t.f_divergence)
+LENGTH_NORMALISED_LOSSES = family("length")
+SORTED_LOSSES = family("sorted")
 
 # Upper clamp of (a − 1)·x inside the alpha divergence, as TRL uses for fp32/bf16 (we use it for fp64 too).
 ALPHA_DIVERGENCE_CLAMP = 80.0
