@@ -1,67 +1,18 @@
-"""The public functions: validate once, pick a backend, call the kernels; the autograd Functions over them.
-
-Backends (the one place that picks them is `_pick_backend`):
-- "triton": the kernels in `ops/` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests);
-- "cpu": the native C++ kernels of `csrc/` (per-token log-probs; the small per-sequence math runs in torch);
-- "reference": plain PyTorch (`reference.py`), any device and dtype.
-"""
+"""The public functions: validate once, pick a backend once (`dispatch.pick`), call the kernels as torch custom ops
+(so that torch.compile keeps them in its graph) with their autograd."""
 
 from __future__ import annotations
 
 import math
-import os
-from types import ModuleType
 
 import torch
 
-from dpo_kernels import chunked
+from dpo_kernels import chunked, dispatch
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
 from dpo_kernels.reference import DPOOutput, SequenceLogps, SequenceStats, TokenStats
 
-BACKENDS = ("triton", "cpu", "reference")
-
-
-def _cpu() -> ModuleType:
-    """The native backend's module (imported on first use: it builds the extension)."""
-    from dpo_kernels import cpu
-
-    return cpu
-
-
-@torch.compiler.assume_constant_result  # torch.compile reads it once instead of tracing a build
-def _cpu_available() -> bool:
-    return _cpu().available()
-
-
-def _pick_backend(tensor: torch.Tensor, backend: str | None) -> str:
-    """CUDA → triton; CPU under TRITON_INTERPRET=1 → triton (interpreted); CPU → cpu when it builds, else
-    reference; other devices → reference. `backend=` overrides the choice."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        if backend == "triton" and not (tensor.is_cuda or (interpret and tensor.device.type == "cpu")):
-            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {tensor.device}")
-        if backend == "cpu" and (tensor.device.type != "cpu" or not _cpu_available()):
-            raise ValueError(f"backend 'cpu' needs CPU tensors and the native extension (tensor on {tensor.device})")
-        return backend
-    if tensor.is_cuda:
-        return "triton"
-    if tensor.device.type == "cpu":
-        if interpret:
-            return "triton"
-        if _cpu_available():
-            return "cpu"
-    return "reference"
-
-
-def _logprob_kernels(backend: str) -> ModuleType:
-    if backend == "triton":
-        from dpo_kernels.ops import logprobs
-
-        return logprobs
-    return _cpu()
+BACKENDS = dispatch.BACKENDS
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -130,7 +81,7 @@ def _token_logps_fwd(
     return_stats: bool,
     inplace_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logps, lse, stats = _logprob_kernels(backend).logprobs_fwd(
+    logps, lse, stats = dispatch.token_kernels(backend).logprobs_fwd(
         logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
     )
     return logps, lse, logps.new_empty(0, logits.shape[0]) if stats is None else stats
@@ -155,7 +106,7 @@ def _token_logps_bwd(
     ignore_index: int,
     temperature: float,
 ) -> torch.Tensor:
-    return _logprob_kernels(backend).logprobs_bwd(
+    return dispatch.token_kernels(backend).logprobs_bwd(
         logits,
         labels,
         lse,
@@ -184,7 +135,7 @@ def _token_logps_bwd_inplace(
     ignore_index: int,
     temperature: float,
 ) -> None:
-    _logprob_kernels(backend).logprobs_bwd(
+    dispatch.token_kernels(backend).logprobs_bwd(
         logits,
         labels,
         lse,
@@ -263,10 +214,10 @@ def token_logps(
     """
     L.check_logits_labels(logits, labels, ignore_index)
     temperature = L.check_temperature(temperature)
-    chosen = _pick_backend(logits, backend)
+    chosen = dispatch.pick(logits, backend)
     if inplace_grad:
         _check_inplace(logits, chosen)
-    if chosen == "reference" or logits.dtype == torch.float64:
+    if chosen == "reference":
         return R.token_logps(
             logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
         )
@@ -381,8 +332,7 @@ def sequence_logps(
         of thousands of nats needs their precision), differentiable with respect to `token_logps`. Unscored
         positions never reach a sum, whatever their value (NaN and inf included).
     """
-    chosen = _pick_backend(token_logps, backend)
-    if chosen != "triton" or token_logps.dtype == torch.float64:
+    if dispatch.pick(token_logps, backend) != "triton":
         return R.sequence_logps(
             token_logps,
             labels_or_mask,
@@ -585,8 +535,8 @@ def dpo_loss(
         chosen_token_count=chosen_token_count,
     )
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    chosen = _pick_backend(pc, backend)
-    if chosen != "triton" or any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (pc, pr, rc, rr)):
+    wide = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (pc, pr, rc, rr))
+    if wide or dispatch.pick(pc, backend) != "triton":  # float64 anywhere: the float64 math
         return R.dpo_loss(pc, pr, rc, rr, **options, **extra, sequence_stats=sequence_stats)
     config = L.loss_config(**options, use_weighting=wpo_weights is not None)
     sft_count = L.check_loss_inputs(config, pc, pr, rc, rr, **extra)
@@ -874,7 +824,7 @@ def dpo_loss_from_logits(
     B = L.check_even_rows(S)
     if ref_logits is not None and ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
-    chosen = _pick_backend(logits, backend)
+    chosen = dispatch.pick(logits, backend)
     if inplace_grad:
         _check_inplace(logits, chosen)
     with_stats = return_stats or use_weighting
@@ -903,7 +853,7 @@ def dpo_loss_from_logits(
         lambda: sequences(ref_logits, False, False).logps,
     )
     out_dtype = _out_dtype(logits)
-    if chosen != "triton" or logits.dtype == torch.float64:
+    if chosen != "triton":
         seq = sequences(logits, with_stats, inplace_grad)
         return _loss_from_sequences(
             seq,
@@ -981,18 +931,6 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     if not (logit_scale > 0 and math.isfinite(logit_scale)):
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale}")
     return softcap, logit_scale
-
-
-def _linear_backend(hidden: torch.Tensor, backend: str | None) -> str:
-    """Returns "triton" or "chunked"; unlike `_pick_backend`, no native CPU kernel exists here (none is built)."""
-    if backend is None:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        use_triton = hidden.is_cuda or (interpret and hidden.device.type == "cpu")
-    elif backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    else:
-        use_triton = backend == "triton" and _pick_backend(hidden, "triton") == "triton"
-    return "triton" if use_triton and hidden.dtype != torch.float64 else "chunked"
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -1084,7 +1022,7 @@ def linear_token_logps(
     rows = rows.reshape(-1, H)  # a view for evenly strided rows, else a copy
     flat_labels = labels.reshape(-1).long()
     options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    if _linear_backend(hidden, backend) == "triton":
+    if dispatch.pick(hidden, backend) == "triton":
         logps, stats = _LinearTokenLogps.apply(
             rows, weight, None if bias is None else bias.contiguous(), flat_labels, options, return_stats
         )
@@ -1167,8 +1105,8 @@ def dpo_loss_from_hidden(
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
         )
-    chosen = _linear_backend(hidden, backend)
-    small = "triton" if chosen == "triton" else "reference"  # backend of the [N]- and [2B]-sized steps
+    # the [N]- and [2B]-sized steps after the head: the Triton kernels or torch
+    small = "triton" if dispatch.pick(hidden, backend) == "triton" else "reference"
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
 
     def sequences(h, w, b, with_stats: bool) -> SequenceLogps:

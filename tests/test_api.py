@@ -220,7 +220,7 @@ def test_dpo_loss_module():
 def test_default_backend_choice():
     import os
 
-    from dpo_kernels.api import _pick_backend
+    from dpo_kernels.dispatch import pick as _pick_backend
 
     expected = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
     assert _pick_backend(torch.zeros(1), None) == expected

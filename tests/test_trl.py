@@ -322,13 +322,13 @@ def test_trainer_step_reference_backend(setup):
 def test_inplace_grad_only_where_safe(setup):
     """The logits' gradient goes into their storage when their producer does not keep them (a Linear), and not
     when it does (tanh keeps its output); never on the reference backend. The step tests above ran in place."""
-    from dpo_kernels import api
+    from dpo_kernels import dispatch
     from dpo_kernels.integrations.trl import _output_saved_for_backward
 
     trainer = _our_trainer(setup, dict(loss_type=["sigmoid"]))
     logits = trainer.model(input_ids=torch.tensor([[3, 4, 5]])).logits
     assert not _output_saved_for_backward(logits)
-    assert trainer._dk_inplace(logits) == (api._pick_backend(logits, None) != "reference")
+    assert trainer._dk_inplace(logits) == (dispatch.pick(logits, None) != "reference")
     assert _output_saved_for_backward(torch.tanh(logits).view(-1, logits.shape[-1]))
     assert not _our_trainer(setup, dict(loss_type=["sigmoid"]), backend="reference")._dk_inplace(logits)
 

@@ -48,7 +48,7 @@ from transformers import ProcessorMixin
 from trl.models.utils import disable_gradient_checkpointing
 
 import dpo_kernels as dk
-from dpo_kernels import api
+from dpo_kernels import dispatch
 from dpo_kernels import losses as L
 
 if Version(trl.__version__) < Version("1.16.0"):
@@ -127,8 +127,8 @@ def _check_trainer(trainer) -> None:
 
 
 def _check_backend(backend: str | None) -> None:
-    if backend is not None and backend not in api.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(api.BACKENDS)} (or None: automatic)")
+    if backend is not None and backend not in dispatch.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(dispatch.BACKENDS)} (or None: automatic)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +228,7 @@ class _KernelLoss:
             return self._dk_inplace_grad
         if not logits.requires_grad or logits.dtype == torch.float64:
             return False
-        if api._pick_backend(logits, self._dk_backend) == "reference":
+        if dispatch.pick(logits, self._dk_backend) == "reference":
             return False
         return not _output_saved_for_backward(logits)
 
