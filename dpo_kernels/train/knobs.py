@@ -131,6 +131,7 @@ class Knobs:
     plot: bool = knob(False, "also write curves.png")
 
 
+METAVARS = {int: "N", float: "X", str: "TEXT"}
 TRL_DEFAULT_SYNC_STEPS = 512  # DPOConfig.ref_model_sync_steps
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -180,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "resume_from_checkpoint":
             opts.update(nargs="?", const="latest", metavar="DIR|latest")
         elif typing.get_origin(kind) is list:
-            opts.update(nargs="+", type=typing.get_args(kind)[0])
+            element = typing.get_args(kind)[0]
+            opts.update(nargs="+", type=element, metavar=METAVARS[element])
         else:
-            opts["type"] = kind
+            opts.update(type=kind, metavar=METAVARS[kind])
         parser.add_argument(*flags, **opts)
     return parser
 
