@@ -8,6 +8,12 @@
 // max and sums of exp (fp32 within a chunk, fp64 across chunks). The backward reads each row once more and writes
 // the gradient (into the logits themselves when asked). Rows are split over threads with at::parallel_for; the
 // inner loops are `omp simd` loops built for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+//
+// NaN policy (the same on every backend, README "Numerics"): an ignored row is not read and gives 0 everywhere and a
+// zero gradient row. A NaN or +inf logit, a row of −inf only, or a label outside [0, V) gives NaN log-prob, lse,
+// entropy, mean logit and log Σp², is_top1 0, and a NaN gradient row. −inf logits elsewhere have p = 0 and a zero
+// gradient (the entropy term included); a −inf label logit gives a log-prob of −inf and a finite gradient. Every
+// output is relative to the row's max, so any finite x = logits / T works.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +37,7 @@ namespace dpo_kernels {
 namespace {
 
 constexpr int64_t CHUNK = 2048;  // fp32 values per buffered piece of a row: 8 KiB, well inside L1
+constexpr float SUM_SCALE = 1.0f / CHUNK;  // Σx of a piece is summed as Σ x/2048: no fp32 overflow at any finite x
 constexpr float INF = std::numeric_limits<float>::infinity();
 constexpr float NAN_F = std::numeric_limits<float>::quiet_NaN();
 
@@ -160,7 +167,7 @@ DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
       float x = to_f32(src[i]) * inv_t;
       buf[i] = x;
       c_max = std::max(c_max, x);
-      c_x += x;
+      c_x += x * SUM_SCALE;
     }
     // Σx also detects NaN, which the max may drop: a NaN anywhere makes it NaN (checked after the loop).
     s_x += c_x;
@@ -199,16 +206,18 @@ DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
     l += c_l;
   }
 
-  const double log_l = std::log(l);
-  const double lse = m + log_l;
-  if (std::isnan(lse) || std::isnan(s_x)) {  // NaN (or +inf) in the row: the whole row is NaN
-    write(NAN_F, NAN_F, NAN_F, NAN_F, NAN_F, NAN_F);
+  // A NaN or +inf logit makes l NaN (and Σx NaN: the max may drop a NaN), a row of −inf only leaves l = 0.
+  const bool in_range = label >= 0 && label < V;
+  if (!(l > 0.0) || std::isnan(s_x) || !in_range) {
+    write(NAN_F, NAN_F, NAN_F, NAN_F, 0.f, NAN_F);  // lse NaN too: the backward writes a NaN row
     return;
   }
-  const bool in_range = label >= 0 && label < V;
-  const double x_label = in_range ? static_cast<double>(to_f32(x_row[label])) * inv_t : NAN_F;
-  write(static_cast<float>(x_label - lse), static_cast<float>(lse), static_cast<float>(log_l - s_xm / l),
-        static_cast<float>(s_x / V), argmax == label ? 1.f : 0.f, static_cast<float>(std::log(s_ee) - 2.0 * log_l));
+  const double log_l = std::log(l);
+  // x_y − m first (exact in double): lse = m + log l alone would lose log l next to a huge m
+  const double x_label = static_cast<double>(to_f32(x_row[label]) * inv_t);
+  write(static_cast<float>((x_label - m) - log_l), static_cast<float>(m + log_l),
+        static_cast<float>(log_l - s_xm / l), static_cast<float>(s_x * (static_cast<double>(CHUNK) / V)),
+        argmax == label ? 1.f : 0.f, static_cast<float>(std::log(s_ee) - 2.0 * log_l));
 }
 
 template <typename T>
@@ -236,6 +245,13 @@ struct BwdArgs {
   float inv_temperature;
 };
 
+// exp(x − lse) for the backward: x − lse is ≤ 0 but for the rounding of the fp32 lse (half an ulp), so it is clamped
+// at 0 (NaN kept): p ≤ 1 and the gradient stays finite at any magnitude.
+DPO_INLINE float prob(float x, float lse) {
+  const float d = x - lse;
+  return fast_exp(d > 0.f ? 0.f : d);
+}
+
 // One row, one pass: p = exp(x − lse) recomputed, the gradient written in T. The label's own entry is computed
 // again afterwards, with 1 − p formed in fp32 before its one rounding; its logit is read before the pass because
 // in place the pass overwrites it. Every element is read before it is written, so src == dst is safe.
@@ -255,7 +271,7 @@ DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
   const float lse = a.lse[row];
   const float g = a.grad_logps != nullptr ? a.grad_logps[row] : 0.f;
   const float x_label = to_f32(src[label]) * inv_t;
-  const float p_label = fast_exp(x_label - lse);
+  const float p_label = prob(x_label, lse);
   float d_label = g * (1.f - p_label);
   if (a.grad_entropy != nullptr && a.grad_entropy[row] != 0.f) {
     const float g_h = a.grad_entropy[row];
@@ -263,15 +279,15 @@ DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
       const float x = to_f32(src[i]) * inv_t;
-      const float p = fast_exp(x - lse);
+      const float p = prob(x, lse);
       const float centred = p > 0.f ? x - mean_x : 0.f;  // 0 · (−inf) must give 0
       dst[i] = from_f32<T>(-(g + g_h * centred) * p * inv_t);
     }
-    d_label -= g_h * p_label * (x_label - mean_x);
+    if (!(p_label == 0.f)) d_label -= g_h * p_label * (x_label - mean_x);  // at a −inf label: 0, not 0 · (−inf)
   } else {
     const float g_t = g * inv_t;
 #pragma omp simd
-    for (int64_t i = 0; i < V; ++i) dst[i] = from_f32<T>(-g_t * fast_exp(to_f32(src[i]) * inv_t - lse));
+    for (int64_t i = 0; i < V; ++i) dst[i] = from_f32<T>(-g_t * prob(to_f32(src[i]) * inv_t, lse));
   }
   dst[label] = from_f32<T>(d_label * inv_t);
 }

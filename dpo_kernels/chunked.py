@@ -15,6 +15,11 @@ of their rows, results scattered back). The backward recomputes every tile and a
 grad_weight in fp32 (float64 for float64 inputs):
 
     dz = g (1[v = y] - p) - gH p (z - (lse - entropy)),   dy = dz · dz/dy,   dH += dy W,  dW += dyᵀ h,  db += Σ dy
+
+NaN policy, that of every backend (ops/logprobs.py): ignored tokens give 0 everywhere and no gradient (their hidden
+rows are never read); a token whose logits hold a NaN or +inf or are all -inf, or whose label is outside [0, V),
+gives NaN logp, lse, entropy, mean z and log Σ p², is_top1 0, and a NaN dz row. Any finite z works (sums relative to
+the running max, clamped exponents, the mean summed as Σ z 2^-k with 2^k >= V).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class _ChunkedLinearTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, opts: _Options):
         compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         N, V = hidden.shape[0], weight.shape[0]
+        mean_scale = 2.0 ** -max(V - 1, 1).bit_length()  # Σ z 2^-k, 2^k >= V: no overflow at any finite z
         scored = torch.nonzero(labels != opts.ignore_index).squeeze(1)
         logps = hidden.new_zeros(N, dtype=compute)
         lse = hidden.new_zeros(N, dtype=compute)
@@ -88,23 +94,29 @@ class _ChunkedLinearTokenLogps(torch.autograd.Function):
                 tile_max = z.amax(1)
                 arg = torch.where(tile_max > m, v0 + z.argmax(1), arg)  # strictly larger: the first argmax
                 m_new = torch.maximum(m, tile_max)
-                shift = torch.where(m == -float("inf"), 0.0, m - m_new)  # the first tile: sums are 0, keep them
+                # the first tile: sums are 0, keep them; >= -1e4 (exp = 0 already): l_i * shift never 0 · -inf
+                shift = torch.where(m == -float("inf"), 0.0, (m - m_new).clamp(min=-1e4))
                 alpha = shift.exp()
-                t = z - m_new[:, None]
+                t = z - torch.where(m_new == -float("inf"), 0.0, m_new)[:, None]  # no -inf - -inf
                 e = t.exp()
-                s1 = alpha * (s1 + l_i * shift) + (e * t).sum(1)
-                s2 = alpha * alpha * s2 + (e * e).sum(1)
-                sx += z.sum(1)
+                if opts.return_stats:  # e · t at -inf z (or z - m overflowing): t clamped, 0 not 0 · -inf
+                    s1 = alpha * (s1 + l_i * shift) + (e * t.clamp(min=-1e4)).sum(1)
+                    s2 = alpha * alpha * s2 + (e * e).sum(1)
+                    sx += (z * mean_scale).sum(1)
                 l_i = alpha * l_i + e.sum(1)
                 zy += _label_column(z, y_lab, v0, v1)
                 m = m_new
             in_range = (y_lab >= 0) & (y_lab < V)
+            ok = (l_i > 0) & in_range  # NaN or +inf z: l NaN; all -inf: l = 0; and bad labels
             log_l = l_i.log()
-            logps[rows] = torch.where(in_range, zy - m - log_l, float("nan"))
-            lse[rows] = m + log_l
+            logps[rows] = torch.where(ok, zy - m - log_l, float("nan"))
+            lse[rows] = torch.where(ok, m + log_l, float("nan"))  # NaN: the backward's p, so dz, NaN there
             if opts.return_stats:
-                is_top1 = torch.where(in_range, (arg == y_lab).to(compute), float("nan"))
-                stats[:, rows] = torch.stack([log_l - s1 / l_i, sx / V, is_top1, s2.log() - 2.0 * log_l])
+                nan = torch.full((), float("nan"), dtype=compute, device=h.device)
+                entropy, mean_z = log_l - s1 / l_i, sx / (mean_scale * V)
+                log_sum_sq = s2.log() - 2.0 * log_l
+                entropy, mean_z, log_sum_sq = (torch.where(ok, v, nan) for v in (entropy, mean_z, log_sum_sq))
+                stats[:, rows] = torch.stack([entropy, mean_z, ((arg == y_lab) & ok).to(compute), log_sum_sq])
         ctx.save_for_backward(hidden, weight, bias, labels, scored, lse, stats)
         ctx.opts = opts
         ctx.mark_non_differentiable(lse)
@@ -131,12 +143,12 @@ class _ChunkedLinearTokenLogps(torch.autograd.Function):
                 mean_z = lse_c - stats[0, rows, None]  # E_p[z] = lse - entropy
             dh = torch.zeros_like(h)
             for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
-                p = (z - lse_c).exp()
+                p = (z - lse_c).clamp(max=0.0).exp()  # z - lse <= 0 but for lse's rounding; NaN kept
                 dz = -g[:, None] * p
                 inside = (y_lab >= v0) & (y_lab < v1)
                 dz[inside, y_lab[inside] - v0] += g[inside]
                 if has_entropy_grad:
-                    dz -= g_h * p * (z - mean_z)
+                    dz -= g_h * p * torch.where(p > 0, z - mean_z, 0.0)  # 0 at -inf z, not 0 · -inf
                 dy = dz * dz_dy
                 dh += dy @ w
                 grad_weight[v0:v1] += dy.T @ h
@@ -176,5 +188,5 @@ def chunked_linear_token_logps(
     opts = _Options(
         ignore_index, float(temperature), softcap, float(logit_scale), return_stats, token_chunk, vocab_chunk
     )
-    logps, _, stats = _ChunkedLinearTokenLogps.apply(hidden, weight, bias, labels, opts)
+    logps, _, stats = _ChunkedLinearTokenLogps.apply(hidden, weight, bias, labels.long(), opts)
     return logps, (stats if return_stats else None)

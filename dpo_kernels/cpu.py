@@ -149,12 +149,13 @@ def logprobs_fwd(
 
     Args:
         logits: [N, V] float32/bfloat16/float16 on the CPU, unit stride on V, any row stride.
-        labels: [N] int64; rows equal to `ignore_index` are not read.
+        labels: [N] of any integer dtype; rows equal to `ignore_index` are not read.
     Returns:
         (logps, lse, stats): fp32 [N], [N] and, with `return_stats`, [4, N] (entropy, mean_logit,
         is_top1 as 1.0 / 0.0, log Σ p²) else None. Ignored rows give 0 everywhere; a label outside
-        [0, V) gives a NaN log-prob; a NaN or +inf logit makes its whole row NaN.
+        [0, V), a NaN or +inf logit, or a row of −inf only give NaN everywhere but is_top1 (0).
     """
+    labels = labels.to(torch.int64)
     if not available():
         return _reference_fwd(logits, labels, ignore_index, temperature, return_stats)
     options = (int(ignore_index), float(temperature), bool(return_stats))
@@ -177,9 +178,10 @@ def logprobs_bwd(
     """d/dlogits of the log-probs, plus the entropy's with `grad_entropy` and forward `entropy`.
 
     dx_v = [g (1[v = y] − p_v) − g_H p_v (x_v − (lse − H))] / T, x = logits / T, p = exp(x − lse),
-    in the logits' dtype; zero rows where ignored, NaN rows where the label is outside [0, V). With
+    in the logits' dtype; zero rows where ignored, NaN rows where the forward's outputs are NaN. With
     `inplace=True` the gradient overwrites the logits (rows must not overlap), which are returned.
     """
+    labels = labels.to(torch.int64)
     if not available():
         dx = _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature)
         return logits.copy_(dx) if inplace else dx
@@ -191,7 +193,8 @@ def logprobs_bwd(
     return torch.ops.dpo_kernels.logprobs_bwd(logits, labels, *grads, *options)
 
 
-# The fallback: the reference's math behind the launchers' interface (bad labels give NaN here too).
+# The fallback: the reference's math behind the launchers' interface, with the same NaN policy (the reference's own
+# input check would raise on a bad label, so those rows are computed as ignored and then made NaN).
 
 
 def _bad_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -206,9 +209,10 @@ def _reference_fwd(logits, labels, ignore_index, temperature, return_stats):
     logps, stats = out if return_stats else (out, None)
     logps = logps.float().masked_fill(bad, float("nan"))
     lse = torch.logsumexp(logits.float() / temperature, dim=-1)
-    lse = lse.masked_fill(safe == ignore_index, 0.0)
+    lse = lse.masked_fill(safe == ignore_index, 0.0).masked_fill(logps.isnan(), float("nan"))
     if stats is not None:
         stats = torch.stack([s.float() for s in stats])
+        stats[[0, 1, 3]] = stats[[0, 1, 3]].masked_fill(bad, float("nan"))
     return logps, lse, stats
 
 

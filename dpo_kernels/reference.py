@@ -25,7 +25,8 @@ from dpo_kernels import losses as L
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics of softmax(logits / T), shaped like the labels; 0 (False) at ignored positions.
+    """Per-token statistics of softmax(logits / T), shaped like the labels; 0 (False) at ignored positions, NaN
+    (is_top1 False) where the log-prob is NaN (the NaN policy of `token_logps`).
 
     Only `entropy` carries a gradient (as in TRL).
     """
@@ -48,30 +49,54 @@ def token_logps(
     temperature: float = 1.0,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
-    """log_softmax(logits / temperature)[label] in fp32 (float64 for float64 logits); exactly 0 where ignored."""
+    """log_softmax(logits / temperature)[label] in fp32 (float64 for float64 logits), with every backend's NaN policy.
+
+    Labels of any integer dtype. Ignored positions: exactly 0, every stat 0 (is_top1 False) and no gradient, whatever
+    their logits hold (NaN included). A row with a NaN or +inf logit, a row of −inf only, or a label outside [0, V)
+    that is not ignore_index (reachable without the input checks, e.g. under torch.compile): NaN log-prob, entropy,
+    mean logit and log Σp², is_top1 False, and a NaN gradient on every column of the row. −inf logits elsewhere are
+    p = 0 (zero gradient through the entropy too). Everything is relative to the row's maximum, so any finite
+    logits / temperature give the right value.
+    """
     L.check_logits_labels(logits, labels, ignore_index)
     temperature = L.check_temperature(temperature)
-    x = logits.to(_out_dtype(logits.dtype)) / temperature
+    labels = labels.long()  # gather needs int64
+    dtype = _out_dtype(logits.dtype)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    nan = torch.full((), float("nan"), dtype=dtype, device=logits.device)
     ignored = labels == ignore_index
-    safe = labels.masked_fill(ignored, 0).unsqueeze(-1)
-    lse = torch.logsumexp(x, dim=-1)
-    logps = (x.gather(-1, safe).squeeze(-1) - lse).masked_fill(ignored, 0.0)
+    bad_label = ((labels < 0) | (labels >= logits.shape[-1])) & ~ignored
+    # torch.where before the math, not a mask multiplied in afterwards: nothing of an ignored row (a NaN included)
+    # reaches a value or a gradient.
+    x = torch.where(ignored.unsqueeze(-1), zero, logits.to(dtype)) / temperature
+    with torch.no_grad():
+        m = x.amax(-1)  # NaN with a NaN in the row, +inf with a +inf, -inf for a row of -inf only
+        nan_row = bad_label | m.isnan() | m.isinf()
+    # NaN rows are zeroed as well, so that the math below stays finite; their NaN values and NaN gradient come from
+    # `poison`: NaN there, and exactly 0 with a zero gradient (no 0 · NaN) on every other row.
+    x_ok = torch.where(nan_row.unsqueeze(-1), zero, x)
+    poison = torch.where(nan_row.unsqueeze(-1), x, zero).sum(-1) * torch.where(nan_row, nan, zero)
+    shifted = x_ok - torch.where(nan_row, zero, m).unsqueeze(-1)  # z - max: <= 0, no cancellation at any size
+    log_l = torch.logsumexp(shifted, dim=-1)
+    safe = torch.where(ignored | bad_label, 0, labels).unsqueeze(-1)
+    logps = torch.where(ignored, zero, shifted.gather(-1, safe).squeeze(-1) - log_l + poison)
     if not return_stats:
         return logps
-    p = torch.exp(x - lse.unsqueeze(-1))
-    # Where p = 0 (a −inf logit) p·x is 0·(−inf): mask x itself, not the product, so the gradient stays finite.
-    x_where_p = torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    # −Σ p (x − lse), not lse − Σ p x: the latter cancels when one logit dominates (a negative entropy in float64)
-    entropy = -(p * (x_where_p - lse.unsqueeze(-1))).sum(-1)
+    log_p = shifted - log_l.unsqueeze(-1)
+    p = log_p.exp()
+    # Where p = 0 (a −inf logit) p·log p is 0·(−inf): mask log p itself, not the product, so the gradient stays finite.
+    # −Σ p log p with log p relative to the max, not lse − Σ p x, which cancels when one logit dominates.
+    entropy = -(p * torch.where(p > 0, log_p, zero)).sum(-1)
     with torch.no_grad():
-        mean_logit = x.mean(-1)
-        is_top1 = x.argmax(-1) == labels  # torch.argmax returns the first maximal index: TRL's tie rule
-        log_sum_sq_probs = torch.logsumexp(2.0 * (x - lse.unsqueeze(-1)), dim=-1)
+        mean_logit = x_ok.mean(-1, dtype=torch.float64).to(dtype)  # a float64 sum: no overflow at any finite z
+        is_top1 = (shifted.argmax(-1) == labels) & ~nan_row & ~ignored  # argmax: the first maximal index (TRL)
+        log_sum_sq_probs = torch.logsumexp(2.0 * log_p, dim=-1)
+        nan_stat = torch.where(nan_row, nan, zero)
     stats = TokenStats(
-        entropy=entropy.masked_fill(ignored, 0.0),
-        mean_logit=mean_logit.masked_fill(ignored, 0.0),
-        is_top1=is_top1 & ~ignored,
-        log_sum_sq_probs=log_sum_sq_probs.masked_fill(ignored, 0.0),
+        entropy=torch.where(ignored, zero, entropy + poison),
+        mean_logit=torch.where(ignored, zero, mean_logit + nan_stat),
+        is_top1=is_top1,
+        log_sum_sq_probs=torch.where(ignored, zero, log_sum_sq_probs + nan_stat),
     )
     return logps, stats
 

@@ -265,15 +265,15 @@ def test_linear_logprobs_ignored():
 
 @pytest.mark.triton
 def test_linear_logprobs_ignore_index_and_bad_labels():
-    """ignore_index=0 skips label 0; -100 is then out of range: NaN log-prob and is_top1 for that token (and a NaN
-    gradient, which reaches every weight row through the sum over tokens); the other tokens are exact."""
+    """ignore_index=0 skips label 0; -100 is then out of range: NaN log-prob and stats, is_top1 0, for that token
+    (and a NaN gradient, which reaches every weight row through the sum over tokens); the other tokens are exact."""
     hidden, weight, _, _ = _problem(6, 32, 100, torch.float32)
     labels = torch.tensor([0, 5, IGNORE, 99, 100, 7], device=DEVICE)
     logps, _, st = ops.linear_logprobs_fwd(hidden, weight, labels, ignore_index=0, return_stats=True)
     good = torch.tensor([1, 3, 5], device=DEVICE)
     logps_ref = _oracle(hidden[good], weight, None, labels[good], torch.ones(3, device=DEVICE))[0]
     assert logps[0] == 0 and (st[:, 0] == 0).all()
-    assert logps[[2, 4]].isnan().all() and st[2, [2, 4]].isnan().all()
+    assert logps[[2, 4]].isnan().all() and st[[0, 1, 3]][:, [2, 4]].isnan().all() and (st[2, [2, 4]] == 0).all()
     assert_out_close(logps[good], logps_ref)
 
 
@@ -286,7 +286,7 @@ def test_linear_logprobs_nan_hidden():
     logps, _, st, grads = _run(hidden, weight, None, labels, g)
     good = torch.tensor([0, 1, 3, 4, 5], device=DEVICE)
     logps_ref, _, st_ref, grads_ref, bounds = _oracle(hidden[good], weight, None, labels[good], g[good])
-    assert logps[2].isnan() and st[0, 2].isnan() and st[2, 2].isnan() and grads[0][2].isnan().all()
+    assert logps[2].isnan() and st[[0, 1, 3], 2].isnan().all() and st[2, 2] == 0 and grads[0][2].isnan().all()
     assert_out_close(logps[good], logps_ref)
     _assert_stats_close(st[:, good], st_ref)
     _assert_gemm_grads_close([grads[0][good]], grads_ref[:1], bounds[:1])
@@ -331,14 +331,16 @@ def test_chunked_linear_token_logps_gradcheck():
 
 
 def test_chunked_linear_token_logps_edges():
-    """Every token ignored, a label out of range (NaN there, like the kernels), no stats requested."""
+    """Every token ignored, a label out of range (NaN there, is_top1 0, like the kernels), no stats requested."""
     hidden, weight, _, _ = _problem(4, 8, 30, torch.float32)
     logps, st = chunked_linear_token_logps(hidden, weight, torch.full((4,), IGNORE))
     assert st is None and (logps == 0).all()
     logps, st = chunked_linear_token_logps(hidden, weight, torch.tensor([1, 30, -1, IGNORE]), return_stats=True)
     ref = torch.log_softmax(hidden.double() @ weight.double().T, -1)[0, 1]
     assert_out_close(logps[0], ref)
-    assert logps[1:3].isnan().all() and st[2, 1:3].isnan().all() and logps[3] == 0
+    assert logps[1:3].isnan().all() and st[[0, 1, 3], 1:3].isnan().all() and (st[2, 1:3] == 0).all()
+    assert logps[3] == 0
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

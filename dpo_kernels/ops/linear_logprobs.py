@@ -39,9 +39,12 @@ the fp32 dH buffer (when V spans more than one chunk) and the outputs. Why this 
 kernels that each recompute y: a dH program owns [BLOCK_N, BLOCK_H] of the output but needs dy over the full
 H-long reduction of y, so it would recompute y H / BLOCK_H times; a chunk of dy in memory is recomputed once.
 
-NaN policy: a NaN in a hidden row makes that token's outputs and gradient NaN; a NaN in a weight row makes every
-token's outputs NaN. A label outside [0, V) that is not ignore_index gives logp = NaN and is_top1 = NaN, and a
-NaN gradient row.
+NaN policy, that of ops/logprobs.py on the logits z: ignored tokens give 0 everywhere and no gradient, and their
+hidden rows are never read. A token whose logits hold a NaN or +inf, or are all -inf (a NaN or inf in its hidden
+row, or in the weight: then every token), or whose label is outside [0, V), gives NaN logp, lse, entropy, mean z
+and log Σ p², is_top1 0, and a NaN dz row (so a NaN grad_hidden row, and NaN grad_weight and grad_bias, which sum
+over the tokens). Exponents are relative to the running max and clamped (no 0 · -inf), and the mean sums z 2^-k
+(2^k >= V), so any finite z works; the backward clamps z - lse at 0 as ops/logprobs.py does.
 """
 
 import math
@@ -98,7 +101,7 @@ def _logits_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # y = hidden[rows] · W[o_v]ᵀ (+ b[o_v]), a [BLOCK_N, BLOCK_V] fp32 tile, reduced over H in BLOCK_K steps.
-    # Rows outside `m_rows` (past the end of the batch) and columns past V read 0.
+    # Rows outside `m_rows` (past the scored positions: ignored tokens are never read) and columns past V read 0.
     o_k = tl.arange(0, BLOCK_K)
     m_v = o_v < V
     p_h = hidden_ptr + rows[:, None] * stride_hidden_row + o_k[None, :]  # [BLOCK_N, BLOCK_K]
@@ -128,7 +131,7 @@ def _logits_tile(
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr, part_ptr, part_idx_ptr,  # pointers
     stride_hidden_row, stride_weight_row,  # strides
-    N, V, H, NUM_SPLITS, TILES_PER_SPLIT, pre, post,  # sizes and scalars
+    N, V, H, NUM_SPLITS, TILES_PER_SPLIT, pre, post, mean_scale,  # sizes and scalars
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr, EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
@@ -156,7 +159,7 @@ def _linear_logprobs_fwd_kernel(
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             y = _logits_tile(
-                hidden_ptr, weight_ptr, bias_ptr, rows, o_v, stride_hidden_row, stride_weight_row, o_n < N, V, H,
+                hidden_ptr, weight_ptr, bias_ptr, rows, o_v, stride_hidden_row, stride_weight_row, m_n, V, H,
                 HAS_BIAS, EVEN_K, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
             )  # fmt: skip
             z, _ = _transform(y, pre, post, SOFTCAP)
@@ -166,15 +169,16 @@ def _linear_logprobs_fwd_kernel(
             if RETURN_STATS:  # a strictly larger maximum moves the first argmax; a tie keeps the earlier one
                 arg_i = tl.where(tile_max > m_i, v0 + tl.argmax(z, 1, tie_break_left=True), arg_i)
             m_new = tl.maximum(m_i, tile_max)
-            # first tile: the sums are 0, rescale by 1 (not by 2^-inf, which would turn 0 · -inf into NaN below)
-            shift = tl.where(m_i == -float("inf"), 0.0, (m_i - m_new) * 1.4426950408889634)
+            # first tile: the sums are 0, rescale by 1 (not by 2^-inf, which would turn 0 · -inf into NaN below);
+            # >= -256 (2^-256 = 0 already), so that l_i * shift stays finite when m_i - m_new overflows
+            shift = tl.where(m_i == -float("inf"), 0.0, tl.maximum((m_i - m_new) * 1.4426950408889634, -256.0))
             alpha = tl.exp2(shift)
             t = (z - m_new[:, None]) * 1.4426950408889634
             e = tl.exp2(t)
-            if RETURN_STATS:
-                s1_i = alpha * (s1_i + l_i * shift) + tl.sum(e * tl.where(m_v[None, :], t, 0.0), 1)
+            if RETURN_STATS:  # e * t at -inf (padding, or z - m overflowing): t clamped, 0 not 0 · -inf
+                s1_i = alpha * (s1_i + l_i * shift) + tl.sum(e * tl.maximum(t, -256.0), 1)
                 s2_i = s2_i * (alpha * alpha) + tl.sum(e * e, 1)
-                sx_i += tl.sum(tl.where(m_v[None, :], z, 0.0), 1)
+                sx_i += tl.sum(tl.where(m_v[None, :], z * mean_scale, 0.0), 1)
             l_i = l_i * alpha + tl.sum(e, 1)
             m_i = m_new
             zy_i += tl.sum(tl.where(o_v[None, :] == labels[:, None], z, 0.0), 1)
@@ -193,7 +197,7 @@ def _linear_logprobs_fwd_kernel(
 @triton.jit
 def _linear_logprobs_combine_kernel(
     part_ptr, part_idx_ptr, labels_ptr, order_ptr, count_ptr, logps_ptr, lse_ptr, stats_ptr,  # pointers
-    N, V, NUM_SPLITS,  # sizes
+    N, V, NUM_SPLITS, mean_unscale,  # sizes and scalars
     RETURN_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # One program per BLOCK_P positions: merges the NUM_SPLITS partial sums of each scored position and writes
@@ -220,7 +224,8 @@ def _linear_logprobs_combine_kernel(
     sx = tl.zeros([BLOCK_P], dtype=tl.float32)
     for s in range(0, NUM_SPLITS):
         p_s = part_ptr + s * N + o_p
-        d = (tl.load(p_s, mask=scored, other=0.0) - m_max) * 1.4426950408889634  # <= 0: rebase split s to m_max
+        # <= 0: rebase split s to m_max; >= -256 so that l_s * d stays finite (2^-256 = 0 already)
+        d = tl.maximum((tl.load(p_s, mask=scored, other=0.0) - m_max) * 1.4426950408889634, -256.0)
         scale = tl.exp2(d)
         l_s = tl.load(p_s + split_stride, mask=scored, other=1.0)  # 1 at unscored lanes: no log of 0 below
         l_sum += l_s * scale
@@ -229,19 +234,21 @@ def _linear_logprobs_combine_kernel(
             s1 += scale * (tl.load(p_s + 3 * split_stride, mask=scored, other=0.0) + l_s * d)
             s2 += scale * scale * tl.load(p_s + 4 * split_stride, mask=scored, other=1.0)
             sx += tl.load(p_s + 5 * split_stride, mask=scored, other=0.0)
+    # The NaN policy: a NaN or +inf z makes l_sum NaN, all -inf makes it 0; and a label outside [0, V).
+    ok = (l_sum > 0.0) & (labels >= 0) & (labels < V)
     log2_l = tl.log2(l_sum)
-    logp = ((zy - m_max) * 1.4426950408889634 - log2_l) * 0.6931471805599453
-    logp = tl.where((labels >= 0) & (labels < V), logp, float("nan"))
+    logp = (zy - m_max) - log2_l * 0.6931471805599453  # natural units: -inf only below fp32's range
     lse = m_max + log2_l * 0.6931471805599453
-    tl.store(logps_ptr + rows, tl.where(scored, logp, 0.0), mask=m_p)
-    tl.store(lse_ptr + rows, tl.where(scored, lse, 0.0), mask=m_p)
+    # NaN lse too: the backward then writes a NaN dz row (p = NaN) with or without grad_logps
+    tl.store(logps_ptr + rows, tl.where(scored, tl.where(ok, logp, float("nan")), 0.0), mask=m_p)
+    tl.store(lse_ptr + rows, tl.where(scored, tl.where(ok, lse, float("nan")), 0.0), mask=m_p)
     if RETURN_STATS:
-        entropy = (log2_l - s1 / l_sum) * 0.6931471805599453
-        is_top1 = tl.where(arg == labels, 1.0, 0.0)
-        is_top1 = tl.where(logp == logp, is_top1, float("nan"))  # NaN row or bad label: NaN
-        log_sum_sq = (tl.log2(s2) - 2.0 * log2_l) * 0.6931471805599453
+        entropy = tl.where(ok, (log2_l - s1 / l_sum) * 0.6931471805599453, float("nan"))
+        mean_z = tl.where(ok, sx * mean_unscale, float("nan"))
+        is_top1 = tl.where((arg == labels) & ok, 1.0, 0.0)
+        log_sum_sq = tl.where(ok, (tl.log2(s2) - 2.0 * log2_l) * 0.6931471805599453, float("nan"))
         tl.store(stats_ptr + rows, tl.where(scored, entropy, 0.0), mask=m_p)
-        tl.store(stats_ptr + N + rows, tl.where(scored, sx / V, 0.0), mask=m_p)
+        tl.store(stats_ptr + N + rows, tl.where(scored, mean_z, 0.0), mask=m_p)
         tl.store(stats_ptr + 2 * N + rows, tl.where(scored, is_top1, 0.0), mask=m_p)
         tl.store(stats_ptr + 3 * N + rows, tl.where(scored, log_sum_sq, 0.0), mask=m_p)
 
@@ -275,11 +282,12 @@ def _linear_logprobs_bwd_dy_kernel(
         labels = tl.load(labels_ptr + rows, mask=m_n, other=-1)
         lse = tl.load(lse_ptr + rows, mask=m_n, other=0.0)
         y = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, o_v, stride_hidden_row, stride_weight_row, o_n < N, V, H,
+            hidden_ptr, weight_ptr, bias_ptr, rows, o_v, stride_hidden_row, stride_weight_row, m_n, V, H,
             HAS_BIAS, EVEN_K, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         z, dz_dy = _transform(y, pre, post, SOFTCAP)
-        p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+        t = z - lse[:, None]  # <= 0 but for the rounding of the fp32 lse: clamped at 0 (NaN kept), p <= 1
+        p = tl.exp2(tl.where(t > 0.0, 0.0, t) * 1.4426950408889634)
         dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         if HAS_GRAD_LOGPS:
             g = tl.load(grad_logps_ptr + rows, mask=m_n, other=0.0)
@@ -288,7 +296,7 @@ def _linear_logprobs_bwd_dy_kernel(
         if HAS_GRAD_ENTROPY:
             g_h = tl.load(grad_entropy_ptr + rows, mask=m_n, other=0.0)
             mean_z = lse - tl.load(entropy_ptr + rows, mask=m_n, other=0.0)  # E_p[z]
-            dz -= g_h[:, None] * p * (z - mean_z[:, None])
+            dz -= g_h[:, None] * p * tl.where(p > 0.0, z - mean_z[:, None], 0.0)  # 0 at -inf z, not 0 · -inf
         dy = tl.where(m_v[None, :], dz * dz_dy, 0.0)
         p_dy = dy_ptr + o_n.to(tl.int64)[:, None] * stride_dy_row + o_c[None, :]
         tl.store(p_dy, dy.to(dy_ptr.dtype.element_ty), mask=m_n[:, None])
@@ -508,9 +516,10 @@ def linear_logprobs_fwd(
     if N == 0:
         return logps, lse, stats
     cfg = _resolve(config or linear_launch_config(N, V, H, hidden.dtype, device), N, V, hidden.element_size(), device)
+    labels = labels.to(torch.int64).contiguous()  # any integer dtype
     order, count = _compact(labels, ignore_index)
-    labels = labels.contiguous()
     splits = cfg.vocab_splits
+    k = max(V - 1, 1).bit_length()  # 2^k >= V: the mean's sum of z 2^-k never overflows
     part = empty_f32(6 if return_stats else 3, splits, N, device=device)
     part_idx = torch.empty((splits, N) if return_stats else (1,), dtype=torch.int32, device=device)
     pre, post = _transform_scalars(temperature, softcap, logit_scale)
@@ -519,7 +528,7 @@ def linear_logprobs_fwd(
     _linear_logprobs_fwd_kernel[grid](
         hidden, weight, hidden if bias is None else bias, labels, order, count, part, part_idx,
         hidden.stride(0), weight.stride(0),
-        N, V, H, splits, triton.cdiv(v_tiles, splits), pre, post,
+        N, V, H, splits, triton.cdiv(v_tiles, splits), pre, post, 2.0**-k,
         HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, RETURN_STATS=return_stats,
         EVEN_K=H % cfg.block_k == 0, INPUT_PRECISION=_input_precision(hidden.dtype),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP=cfg.group,
@@ -528,7 +537,7 @@ def linear_logprobs_fwd(
     BLOCK_P = 128
     _linear_logprobs_combine_kernel[(triton.cdiv(N, BLOCK_P),)](
         part, part_idx, labels, order, count, logps, lse, logps if stats is None else stats,
-        N, V, splits,
+        N, V, splits, 2.0**k / V,
         RETURN_STATS=return_stats, BLOCK_P=BLOCK_P, num_warps=4,
     )  # fmt: skip
     return logps, lse, stats
@@ -570,8 +579,8 @@ def linear_logprobs_bwd(
                 t.zero_()
         return grad_hidden, grad_weight, grad_bias
     cfg = _resolve(config or linear_launch_config(N, V, H, dtype, device), N, V, hidden.element_size(), device)
+    labels = labels.to(torch.int64).contiguous()  # any integer dtype
     order, count = _compact(labels, ignore_index)
-    labels = labels.contiguous()
     chunk = cfg.vocab_chunk
     n_chunks = triton.cdiv(V, chunk)
     dy = _empty((N, chunk), dtype, device)

@@ -10,18 +10,22 @@ p_v = exp(z_v - lse):
     log_sum_sq_probs = log sum_v p_v^2
 
 Forward: one program per row, one pass in BLOCK_V chunks. Every 16-byte piece of a chunk (VEC
-columns) belongs to one thread, which keeps a running max m and sums of 2^t over the columns of its
-pieces, t = x * log2(e) / T - c with c = fp32(m * log2(e) / T) (one FMA per logit; when m grows the
-sums are rescaled by 2^(c_old - c_new)); the pieces are merged after the loop. With l = sum 2^t,
+columns) belongs to one thread, which keeps a running max m of the logits x and sums of 2^t over the
+columns of its pieces, t = (x/2 - m/2) * 2 log2(e) / T <= 0 (one FMA and one multiply per logit; the
+halves never overflow, at any pair of finite logits; when m grows the sums are rescaled by
+2^((m_old - m_new) log2(e) / T)); the pieces are merged after the loop. With l = sum 2^t,
 S1 = sum 2^t t and S2 = sum 2^(2t) relative to the row's max:
 
-    logp    = ln2 (t_y - log2 l)            entropy          = ln2 (log2 l - S1 / l)
-    lse     = m / T + ln2 (log2 l - (m log2(e) / T - c))
-    log_sum_sq_probs = ln2 (log2 S2 - 2 log2 l)
+    logp    = (x_y - m) / T - ln2 log2 l    entropy          = ln2 (log2 l - S1 / l)
+    lse     = m / T + ln2 log2 l            log_sum_sq_probs = ln2 (log2 S2 - 2 log2 l)
+    mean    = (sum_v x_v 2^-k) (2^k / V) / T,   2^k >= V (no overflow of the sum at any finite x)
 
-No output is a difference of two numbers of the logits' size, so they stay exact for logits of 1e4.
-Bytes: reads the logits once (N·V·itemsize), writes 8·N (+16·N with the stats); ignored rows are not
-read. One exp2 per logit (+1/VEC for the rescaling), about 7.5 instructions per bf16 logit on sm_90.
+No output is a difference of two numbers of the logits' size and no exponent is above 0, so every
+finite z = x / T works, up to |z| = fp32's largest (the row maximum is -inf, not a finite sentinel,
+until a finite logit comes). Bytes: reads the logits once (N·V·itemsize), writes 8·N (+16·N with the
+stats); ignored rows are not read. One subtract, one multiply and one exp2 per logit (+1/VEC for the
+rescaling; +1 multiply with the stats), about 8.5 instructions per bf16 logit on sm_90. 2 / T must be
+finite in fp32 (T > 5.9e-39).
 
 Backward: one program per (row, BLOCK_V block); recomputes p from the saved lse and writes, in the
 logits' dtype,
@@ -31,12 +35,15 @@ logits' dtype,
 with the target entry formed in fp32 before its one rounding. Bytes: reads the logits and writes the
 gradient (2·N·V·itemsize); ignored rows write zeros without reading. With inplace=True the gradient
 overwrites the logits (each program reads its block before writing it). p carries the rounding
-error of the fp32 lse as a relative error: half an ulp of lse, 4e-6 at |lse| = 100, 5e-4 at 1e4.
+error of the fp32 lse as a relative error: half an ulp of lse, 4e-6 at |lse| = 100, 5e-4 at 1e4;
+z - lse is clamped at 0 (one min per logit), so p <= 1 and the gradient stays finite at any size.
 
-NaN policy: a NaN or +inf logit, or a row of -inf only, makes that row's log-prob, entropy,
-is_top1, log_sum_sq_probs and gradient NaN; a label outside [0, V) that is not ignore_index gives
-a NaN log-prob, is_top1 and gradient row. -inf logits elsewhere are fine (p = 0 there); finite
-logits below -1e30 count as -inf.
+NaN policy (every backend, README "Numerics"): an ignored row (label == ignore_index) gives 0 in
+every output and a zero gradient row, and is not read. A row with a NaN or +inf logit, a row of
+-inf only, or a label outside [0, V) gives NaN log-prob, lse, entropy, mean logit and log Σ p²,
+is_top1 0, and a NaN gradient row. -inf logits elsewhere are fine: p = 0 and a zero gradient
+there (the entropy term included), a mean logit of -inf, and at the label a log-prob of -inf with
+a finite gradient.
 """
 
 import math
@@ -55,7 +62,7 @@ LOG2E = math.log2(math.e)
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logps_ptr, lse_ptr, stats_ptr,  # pointers; stats [4, N]
     stride_logits_row,  # strides
-    N, V, ignore_index, inv_temperature, log2e_over_t,  # sizes and scalars
+    N, V, ignore_index, inv_temperature, two_log2e_over_t, mean_scale, mean_unscale,  # sizes and scalars
     RETURN_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
@@ -76,15 +83,14 @@ def _logprobs_fwd_kernel(
         in_range = (label >= 0) & (label < V)
         x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
         offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-        # Per piece: max m, c = fp32(m * log2(e) / T), sum of 2^t. m starts at -1e30, not -inf: c
-        # stays finite, so -inf logits and padding never make an -inf - -inf = NaN.
-        m_p = tl.full([BLOCK_V // VEC], -1e30, tl.float32)
-        c_p = m_p * log2e_over_t
+        # Per piece: max m of x and sum of 2^t, t = (x/2 - m/2) 2 log2(e) / T. m starts at -inf (no
+        # finite sentinel: every finite logit counts); -inf - -inf never happens (half_m, d below).
+        m_p = tl.full([BLOCK_V // VEC], -float("inf"), tl.float32)
         l_p = tl.zeros([BLOCK_V // VEC], tl.float32)
         if RETURN_STATS:
             s1_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum 2^t t
             s2_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum 2^(2t)
-            sx_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum x
+            sx_p = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum x 2^-k
             before_p = tl.full([BLOCK_V // VEC], -float("inf"), tl.float32)  # max of x[:label]
         # -inf padding: exp2 of it is 0 and it never wins a max
         x_next = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf"))
@@ -95,16 +101,21 @@ def _logprobs_fwd_kernel(
             x_next = tl.load(row_ptr + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=-float("inf"))
             block_max = tl.max(x, 1)
             m_new = tl.maximum(m_p, block_max)
-            c_new = m_new * log2e_over_t
-            alpha = tl.exp2(c_p - c_new)
-            t = tl.fma(x, log2e_over_t, -c_new[:, None])
+            # Per piece, not per logit: a piece that has seen only -inf measures from 0 (t = -inf, 2^t = 0);
+            # the rescaling exponent d is 0 while the piece is empty and >= -256 (2^d = 0 already), so
+            # that l_p * d is never 0 * -inf, also when (m_p - m_new) / T overflows.
+            half_m = tl.where(m_new == -float("inf"), 0.0, m_new * 0.5)
+            d = tl.fma(m_p, 0.5, -half_m) * two_log2e_over_t
+            d = tl.where(m_p == -float("inf"), 0.0, tl.maximum(d, -256.0))
+            alpha = tl.exp2(d)
+            t = tl.fma(x, 0.5, -half_m[:, None]) * two_log2e_over_t  # <= 0, -inf only where 2^t is 0
             e = tl.exp2(t)
             if RETURN_STATS:
-                # Old terms of sum 2^t t move by c_p - c_new. At -inf columns e * t must be 0, not
-                # 0 * -inf: t is clamped at -256, where 2^t is 0 already.
-                s1_p = alpha * (s1_p + l_p * (c_p - c_new)) + tl.sum(e * tl.maximum(t, -256.0), 1)
+                # Old terms of sum 2^t t move by d. At -inf columns e * t must be 0, not 0 * -inf: t is
+                # clamped at -256, where 2^t is 0 already.
+                s1_p = alpha * (s1_p + l_p * d) + tl.sum(e * tl.maximum(t, -256.0), 1)
                 s2_p = s2_p * (alpha * alpha) + tl.sum(e * e, 1)
-                sx_p += tl.sum(tl.where(cols < V, x, 0.0), 1)
+                sx_p += tl.sum(tl.where(cols < V, x * mean_scale, 0.0), 1)
                 if start + BLOCK_V <= label:
                     before_p = tl.maximum(before_p, block_max)
                 elif start <= label:  # the block that holds the label
@@ -112,32 +123,33 @@ def _logprobs_fwd_kernel(
                     before_p = tl.maximum(before_p, tl.max(x_before, 1))
             l_p = l_p * alpha + tl.sum(e, 1)
             m_p = m_new
-            c_p = c_new
-        # Merge the pieces: the row's max m, c = fp32(m * log2(e) / T), sums relative to c.
+        # Merge the pieces: the row's max m, sums relative to it.
         m = tl.max(m_p, 0)
-        c = m * log2e_over_t
-        alpha = tl.exp2(c_p - c)
+        half_m = tl.where(m == -float("inf"), 0.0, m * 0.5)
+        d = tl.maximum(tl.fma(m_p, 0.5, -half_m) * two_log2e_over_t, -256.0)
+        d = tl.where(m_p == -float("inf"), 0.0, d)
+        alpha = tl.exp2(d)
         sum_exp = tl.sum(l_p * alpha, 0)
-        log2_sum = tl.log2(sum_exp)  # -inf for a row of -inf only: logp = -inf - -inf = NaN
-        logp = (tl.fma(x_label, log2e_over_t, -c) - log2_sum) * 0.6931471805599453
-        logp = tl.where(in_range, logp, float("nan"))
-        # The sums are relative to c, which is m * log2(e) / T less its rounding (exact by an FMA).
-        lse = m * inv_temperature + (log2_sum - tl.fma(m, log2e_over_t, -c)) * 0.6931471805599453
-        tl.store(logps_ptr + row, logp)
-        tl.store(lse_ptr + row, lse)
+        # The NaN policy: a NaN or +inf logit makes sum_exp NaN, a row of -inf only makes it 0.
+        ok = (sum_exp > 0.0) & in_range
+        log2_sum = tl.log2(sum_exp)
+        # z_y - max z in natural units: -inf only where it is below fp32's range
+        logp = tl.fma(x_label, 0.5, -half_m) * (2.0 * inv_temperature) - log2_sum * 0.6931471805599453
+        lse = m * inv_temperature + log2_sum * 0.6931471805599453
+        # NaN lse too: the backward then writes a NaN row (p = NaN) with or without grad_logps.
+        tl.store(logps_ptr + row, tl.where(ok, logp, float("nan")))
+        tl.store(lse_ptr + row, tl.where(ok, lse, float("nan")))
         if RETURN_STATS:
-            s1 = tl.sum((s1_p + l_p * (c_p - c)) * alpha, 0)
+            s1 = tl.sum((s1_p + l_p * d) * alpha, 0)
             s2 = tl.sum(s2_p * (alpha * alpha), 0)
             entropy = (log2_sum - s1 / sum_exp) * 0.6931471805599453
-            mean_logit = tl.sum(sx_p, 0) * inv_temperature / V
-            is_top1 = (x_label >= m) & (x_label > tl.max(before_p, 0))
-            # NaN where logp is (a NaN row, a bad label)
-            is_top1 = tl.where(logp == logp, tl.where(is_top1, 1.0, 0.0), float("nan"))
+            mean_logit = tl.sum(sx_p, 0) * mean_unscale * inv_temperature
+            is_top1 = (x_label >= m) & (x_label > tl.max(before_p, 0)) & ok
             log_sum_sq = (tl.log2(s2) - 2.0 * log2_sum) * 0.6931471805599453
-            tl.store(stats_ptr + row, entropy)
-            tl.store(stats_ptr + N + row, mean_logit)
-            tl.store(stats_ptr + 2 * N + row, is_top1)
-            tl.store(stats_ptr + 3 * N + row, log_sum_sq)
+            tl.store(stats_ptr + row, tl.where(ok, entropy, float("nan")))
+            tl.store(stats_ptr + N + row, tl.where(ok, mean_logit, float("nan")))
+            tl.store(stats_ptr + 2 * N + row, tl.where(is_top1, 1.0, 0.0))
+            tl.store(stats_ptr + 3 * N + row, tl.where(ok, log_sum_sq, float("nan")))
 
 
 @triton.jit
@@ -163,13 +175,15 @@ def _logprobs_bwd_kernel(
     else:
         x_ptrs = logits_ptr + row * stride_logits_row + cols
         x = tl.load(x_ptrs, mask=mask, other=-float("inf")).to(tl.float32)
-        lse = tl.load(lse_ptr + row)
-        # z - lse in one rounding (FMA): p carries only the error of lse's own fp32 rounding.
-        p = tl.exp2(tl.fma(x, inv_temperature, -lse) * 1.4426950408889634)
+        # A bad label is a NaN row (the forward's lse is NaN there too, as for the rows of NaN or +inf)
+        lse = tl.where((label >= 0) & (label < V), tl.load(lse_ptr + row), float("nan"))
+        # z - lse in one rounding (FMA): p carries only the error of lse's own fp32 rounding. z - lse is
+        # <= 0 but for that rounding: clamped at 0 (NaN kept), p <= 1 at any magnitude.
+        t = tl.fma(x, inv_temperature, -lse)
+        p = tl.exp2(tl.where(t > 0.0, 0.0, t) * 1.4426950408889634)
         dx = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_GRAD_LOGPS:
             g = tl.load(grad_logps_ptr + row) * inv_temperature
-            g = tl.where((label >= 0) & (label < V), g, float("nan"))
             dx = tl.where(cols == label, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
             g_h = tl.load(grad_entropy_ptr + row) * inv_temperature
@@ -185,6 +199,12 @@ def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     return logits.shape
 
 
+def _int64(labels: torch.Tensor) -> torch.Tensor:
+    """Labels of any integer dtype as contiguous int64 (a copy of N values unless they already are), so that
+    the kernels compare them with ignore_index and V in one integer type."""
+    return labels.to(torch.int64).contiguous()
+
+
 def logprobs_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -193,13 +213,15 @@ def logprobs_fwd(
     temperature: float = 1.0,
     return_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits [N, V] (unit vocab stride, any row stride), labels [N] int → (logps, lse, stats).
+    """logits [N, V] (unit vocab stride, any row stride), labels [N] of any integer dtype → (logps,
+    lse, stats).
 
-    All fp32. logps [N]: 0 at ignored rows, NaN where the label is outside [0, V); lse [N]: 0 at
-    ignored rows; stats [4, N] (None unless return_stats): entropy, mean logit, is_top1 (1.0 / 0.0),
-    log sum_v p_v^2, 0 at ignored rows. All on logits / temperature.
+    All fp32. logps [N], lse [N]; stats [4, N] (None unless return_stats): entropy, mean logit,
+    is_top1 (1.0 / 0.0), log sum_v p_v^2. All on logits / temperature. 0 everywhere at ignored rows;
+    NaN (is_top1 0) at NaN rows and labels outside [0, V) (the module docstring's policy).
     """
     N, V = _check_rows(logits, labels)
+    labels = _int64(labels)
     logps = empty_f32(N, device=logits.device)
     lse = empty_f32(N, device=logits.device)
     stats = empty_f32(4, N, device=logits.device) if return_stats else None
@@ -207,10 +229,11 @@ def logprobs_fwd(
         return logps, lse, stats
     BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
     VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
+    k = max(V - 1, 1).bit_length()  # 2^k >= V: the mean's sum of x 2^-k never overflows
     _logprobs_fwd_kernel[(N,)](
-        logits, labels.contiguous(), logps, lse, stats if return_stats else logps,
+        logits, labels, logps, lse, stats if return_stats else logps,
         logits.stride(0),
-        N, V, ignore_index, 1.0 / temperature, LOG2E / temperature,
+        N, V, ignore_index, 1.0 / temperature, 2.0 * LOG2E / temperature, 2.0**-k, 2.0**k / V,
         RETURN_STATS=return_stats, BLOCK_V=BLOCK_V, VEC=VEC, num_warps=num_warps,
     )  # fmt: skip
     return logps, lse, stats
@@ -235,6 +258,7 @@ def logprobs_bwd(
     (same strides) and the logits are returned.
     """
     N, V = _check_rows(logits, labels)
+    labels = _int64(labels)
     assert grad_entropy is None or entropy is not None, "grad_entropy needs the forward's entropy"
     if inplace:
         dlogits = logits
@@ -248,7 +272,7 @@ def logprobs_bwd(
     num_blocks = triton.cdiv(V, BLOCK_V)
     # Absent inputs pass lse as a placeholder pointer: the kernel never reads it (HAS_* False).
     _logprobs_bwd_kernel[(N * num_blocks,)](
-        logits, labels.contiguous(), lse,
+        logits, labels, lse,
         lse if grad_logps is None else grad_logps.contiguous(),
         lse if grad_entropy is None else grad_entropy.contiguous(),
         lse if entropy is None else entropy.contiguous(),
