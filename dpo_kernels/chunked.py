@@ -16,6 +16,10 @@ grad_weight in fp32 (float64 for float64 inputs):
 
     dz = g (1[v = y] - p) - gH p (z - (lse - entropy)),   dy = dz · dz/dy,   dH += dy W,  dW += dyᵀ h,  db += Σ dy
 
+Under torch.autocast the tile's matmul runs in the autocast dtype (y is then rounded to it) and the rest in fp32; the
+forward saves the autocast state and the backward recomputes its tiles under that same state, wherever the backward
+runs, so that p is exactly the forward's softmax (Σp = 1, a bias gradient summing to 0).
+
 NaN policy, that of every backend (ops/logprobs.py): ignored tokens give 0 everywhere and no gradient (their hidden
 rows are never read); a token whose logits hold a NaN or +inf or are all -inf, or whose label is outside [0, V),
 gives NaN logp, lse, entropy, mean z and log Σ p², is_top1 0, and a NaN dz row. Any finite z works (sums relative to
@@ -30,6 +34,24 @@ import torch
 
 TOKEN_CHUNK = 2048
 VOCAB_CHUNK = 16384  # 2048 x 16384 fp32 tiles: 128 MiB each, a few alive at a time
+
+
+class _Autocast(NamedTuple):
+    """The autocast state the forward ran under, restored around the backward's recomputation."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @staticmethod
+    def current(device_type: str) -> "_Autocast":
+        if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu"):
+            return _Autocast(device_type, False, torch.float32)
+        enabled = torch.is_autocast_enabled(device_type)
+        return _Autocast(device_type, enabled, torch.get_autocast_dtype(device_type))
+
+    def context(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 class _Options(NamedTuple):
@@ -59,7 +81,7 @@ def _tiles(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     for v0 in range(0, V, opts.vocab_chunk):
         v1 = min(V, v0 + opts.vocab_chunk)
         w = weight[v0:v1].to(compute)
-        y = hidden_rows @ w.T
+        y = (hidden_rows @ w.T).to(compute)  # under autocast: the matmul in its dtype, the rest in `compute`
         if bias is not None:
             y += bias[v0:v1].to(compute)
         z, dz_dy = logit_transform(y, temperature=opts.temperature, softcap=opts.softcap, logit_scale=opts.logit_scale)
@@ -119,6 +141,7 @@ class _ChunkedLinearTokenLogps(torch.autograd.Function):
                 stats[:, rows] = torch.stack([entropy, mean_z, ((arg == y_lab) & ok).to(compute), log_sum_sq])
         ctx.save_for_backward(hidden, weight, bias, labels, scored, lse, stats)
         ctx.opts = opts
+        ctx.autocast = _Autocast.current(hidden.device.type)
         ctx.mark_non_differentiable(lse)
         return logps, lse, stats
 
@@ -132,29 +155,31 @@ class _ChunkedLinearTokenLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=compute, device=bias.device)
         V = weight.shape[0]
-        for t0 in range(0, scored.numel(), opts.token_chunk):
-            rows = scored[t0 : t0 + opts.token_chunk]
-            h, y_lab, lse_c = hidden.index_select(0, rows).to(compute), labels[rows], lse[rows, None]
-            g = torch.zeros(rows.numel(), dtype=compute, device=h.device)
-            if grad_logps is not None:
-                g = torch.where((y_lab >= 0) & (y_lab < V), grad_logps[rows].to(compute), float("nan"))
-            if has_entropy_grad:
-                g_h = grad_stats[0, rows].to(compute)[:, None]
-                mean_z = lse_c - stats[0, rows, None]  # E_p[z] = lse - entropy
-            dh = torch.zeros_like(h)
-            for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
-                p = (z - lse_c).clamp(max=0.0).exp()  # z - lse <= 0 but for lse's rounding; NaN kept
-                dz = -g[:, None] * p
-                inside = (y_lab >= v0) & (y_lab < v1)
-                dz[inside, y_lab[inside] - v0] += g[inside]
+        # The forward's autocast state, whatever the backward runs under: the same tiles, so p is the forward's.
+        with ctx.autocast.context():
+            for t0 in range(0, scored.numel(), opts.token_chunk):
+                rows = scored[t0 : t0 + opts.token_chunk]
+                h, y_lab, lse_c = hidden.index_select(0, rows).to(compute), labels[rows], lse[rows, None]
+                g = torch.zeros(rows.numel(), dtype=compute, device=h.device)
+                if grad_logps is not None:
+                    g = torch.where((y_lab >= 0) & (y_lab < V), grad_logps[rows].to(compute), float("nan"))
                 if has_entropy_grad:
-                    dz -= g_h * p * torch.where(p > 0, z - mean_z, 0.0)  # 0 at -inf z, not 0 · -inf
-                dy = dz * dz_dy
-                dh += dy @ w
-                grad_weight[v0:v1] += dy.T @ h
-                if grad_bias is not None:
-                    grad_bias[v0:v1] += dy.sum(0)
-            grad_hidden[rows] = dh
+                    g_h = grad_stats[0, rows].to(compute)[:, None]
+                    mean_z = lse_c - stats[0, rows, None]  # E_p[z] = lse - entropy
+                dh = torch.zeros_like(h)
+                for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
+                    p = (z - lse_c).clamp(max=0.0).exp()  # z - lse <= 0 but for lse's rounding; NaN kept
+                    dz = -g[:, None] * p
+                    inside = (y_lab >= v0) & (y_lab < v1)
+                    dz[inside, y_lab[inside] - v0] += g[inside]
+                    if has_entropy_grad:
+                        dz -= g_h * p * torch.where(p > 0, z - mean_z, 0.0)  # 0 at -inf z, not 0 · -inf
+                    dy = dz * dz_dy
+                    dh += dy @ w
+                    grad_weight[v0:v1] += dy.T @ h
+                    if grad_bias is not None:
+                        grad_bias[v0:v1] += dy.sum(0)
+                grad_hidden[rows] = dh
         return (
             grad_hidden.to(hidden.dtype),
             grad_weight.to(weight.dtype),

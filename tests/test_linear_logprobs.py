@@ -342,6 +342,46 @@ def test_chunked_linear_token_logps_edges():
     assert logps[3] == 0
 
 
+def test_chunked_linear_token_logps_autocast():
+    """Forward under torch.autocast (bf16 matmuls on the CPU), backward outside it: the backward recomputes the
+    forward's very tiles (the autocast state is saved and restored), so each row's p sums to 1 (Σ grad_bias of one
+    token = g (1 - Σp) = 0) and the bias gradient of a batch sums to 0; values and gradients match a float64 oracle
+    of the same bf16-rounded computation: y = bf16(bf16(h) @ bf16(W)ᵀ), then z = y + b in float64."""
+    N, H, V = 6, 32, 300
+    hidden, weight, bias, labels = _problem(N, H, V, torch.float32, bias=True, ignored=1)
+    g, g_h = torch.randn(N), torch.randn(N)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, st = chunked_linear_token_logps(leaves[0], leaves[1], labels, bias=leaves[2], return_stats=True,
+                                               vocab_chunk=128)  # fmt: skip
+    grads = torch.autograd.grad([logps, st[0]], leaves, [g, g_h])  # outside autocast
+    # Σp of the recomputed tiles, one token at a time: grad_bias = dz of that token, Σ_v dz = g (1 - Σp)
+    sums = []
+    for i in range(N - 1):
+        one = torch.full_like(labels, IGNORE)
+        one[i] = labels[i]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = chunked_linear_token_logps(leaves[0], leaves[1], one, bias=leaves[2], vocab_chunk=128)[0]
+        sums.append(torch.autograd.grad(lp.sum(), leaves[2])[0].double().sum())
+    # the oracle of the same computation: bf16 GEMM tiles (torch's own bf16 matmul, as autocast runs it)
+    y = (hidden.bfloat16() @ weight.bfloat16().T).double()
+    z = (y + bias.double()).requires_grad_()
+    logps_ref, st_ref = reference.token_logps(z, labels, return_stats=True)
+    (dz,) = torch.autograd.grad([logps_ref, st_ref.entropy], z, [g.double(), g_h.double()])
+    grads_ref = (dz @ weight.bfloat16().double(), dz.T @ hidden.bfloat16().double(), dz.sum(0))
+    assert_out_close(logps, logps_ref)
+    assert_out_close(st[0], st_ref.entropy)
+    assert max(abs(s) for s in sums) < 1e-5, f"Σp of a recomputed row is 1 ± {max(abs(s) for s in sums):.2g}"
+    assert abs(grads[2].double().sum()) <= 1e-5 * grads[2].abs().sum(), "the bias gradient sums to 0"
+    torch.testing.assert_close(grads[2].double(), grads_ref[2], atol=1e-5, rtol=1e-5)  # fp32: no GEMM rounding
+    # grad_hidden and grad_weight come out of bf16 GEMMs under the restored autocast (dy rounded to bf16, as
+    # autocast's own linear backward does): bf16's rounding of each term, the GEMM rule of this file
+    for out, ref, bound in zip(
+        grads[:2], grads_ref[:2], (dz.abs() @ weight.abs().double(), dz.abs().T @ hidden.abs().double())
+    ):
+        err = (out.double() - ref).abs()
+        assert (err <= 1e-6 + 2 * torch.finfo(torch.bfloat16).eps * bound).all(), f"max error {err.max():.3g}"
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # real sizes (CUDA)
