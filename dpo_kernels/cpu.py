@@ -1,11 +1,13 @@
 """The native CPU backend: the C++ kernels of csrc/, built on first use, called as torch operators.
 
 `available()` builds the extension (or loads the cached build) once per process. The build needs a
-C++ compiler with OpenMP and ninja, takes about 40 s on two cores, and is cached per torch version,
-Python version and machine type under `$TORCH_EXTENSIONS_DIR/dpo_kernels`, else under
-`~/.cache/dpo_kernels` (`$XDG_CACHE_HOME` is honoured). The flags are portable (no `-march`): the
-kernels carry their own AVX-512 / AVX2 / baseline clones and pick one when the library loads, so a
-cache shared between machines stays correct.
+C++ compiler with OpenMP and ninja, takes about 40 s on two cores (announced once on stderr, only when
+a build really runs), and is cached under `$TORCH_EXTENSIONS_DIR/dpo_kernels`, else under
+`~/.cache/dpo_kernels` (`$XDG_CACHE_HOME` is honoured), in a folder keyed on everything that changes
+the build: the sources' contents, the flags, the compiler, the torch install (version and location),
+the Python version and the machine; so checkouts and environments sharing the cache never overwrite
+each other's build. The flags are portable (no `-march`): the kernels carry their own AVX-512 / AVX2 /
+baseline clones and pick one when the library loads, so a cache shared between machines stays correct.
 
 If the build fails, `available()` warns once and returns False, and the launchers below compute the
 same outputs with the plain PyTorch reference. `DPO_KERNELS_CPU_BACKEND=reference` forces that path.
@@ -17,7 +19,7 @@ get their fake kernels here, so that torch.compile traces through them.
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import os
 import platform
 import sys
@@ -30,8 +32,6 @@ import torch
 from dpo_kernels import reference
 
 __all__ = ["available", "logprobs_bwd", "logprobs_fwd"]
-
-logger = logging.getLogger(__name__)
 
 _NAME = "dpo_kernels_cpu"
 _SOURCES = ("logprobs.cpp", "ops.cpp")
@@ -80,16 +80,57 @@ def _source_dir() -> Path:
     raise FileNotFoundError(f"no C++ sources {_SOURCES} in {package}/csrc or {package.parent}/csrc")
 
 
+def _build_key(sources: Path) -> str:
+    """A hash of everything that changes the built library: the sources' contents, the flags, the compiler
+    (cpp_extension honours $CXX), the torch install (version, build, location), the Python build and the
+    machine."""
+    key = hashlib.sha256()
+    for name in _SOURCES:
+        key.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
+    parts = (
+        _CFLAGS,
+        _LDFLAGS,
+        os.environ.get("CXX", ""),
+        torch.__version__,
+        torch.version.git_version,
+        str(Path(torch.__file__).resolve().parent),
+        sys.version,
+        sys.platform,
+        platform.machine(),
+    )
+    key.update(repr(parts).encode())
+    return key.hexdigest()[:16]
+
+
 def _build_dir() -> Path:
-    """One build per torch version, Python version and machine type."""
+    """One build per content of the sources, flags, compiler, torch install, Python and machine (`_build_key`);
+    the readable part of the name says which torch, Python and machine."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         base = Path(root) / "dpo_kernels"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo_kernels"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    tag = f"torch{torch.__version__}-{python}-{platform.machine()}"
+    tag = f"torch{torch.__version__}-{python}-{platform.machine()}-{_build_key(_source_dir())}"
     return base / "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
+
+
+def _needs_build(build: Path, sources: Path) -> bool:
+    """Whether cpp_extension.load will compile (not just load): no library yet, or a source newer than it (ninja's
+    own rule; the folder is keyed on the sources' contents, so only a touched file can be newer)."""
+    library = build / f"{_NAME}.so"
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any((sources / name).stat().st_mtime > built for name in _SOURCES)
+
+
+def _announce_build(build: Path) -> None:
+    """Tell the user once per process, where they see it, that the first call waits for a compiler."""
+    if getattr(_announce_build, "done", False):
+        return
+    _announce_build.done = True
+    print(f"dpo_kernels: building the CPU kernels (about a minute, once) in {build}", file=sys.stderr, flush=True)
 
 
 def _load() -> None:
@@ -98,8 +139,8 @@ def _load() -> None:
     sources = _source_dir()
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
-    if not (build / f"{_NAME}.so").exists():
-        logger.info("dpo_kernels: building the native CPU backend in %s (once, ~1 min)", build)
+    if _needs_build(build, sources):
+        _announce_build(build)
     # is_python_module=False: loaded by torch.ops.load_library; its TORCH_LIBRARY defines the ops.
     cpp_extension.load(
         name=_NAME,

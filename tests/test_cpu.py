@@ -19,6 +19,8 @@ from dpo_kernels import cpu, reference
 # The tests that exercise the fallback itself and run whether or not the build works.
 WITHOUT_BUILD = {
     "test_build_dir",
+    "test_build_dir_keyed_on_what_changes_the_build",
+    "test_build_announced_once_when_it_runs",
     "test_fallback_when_build_fails",
     "test_fallback_when_compile_fails",
     "test_forced_reference_backend",
@@ -72,8 +74,8 @@ def oracle(
 
 
 def test_build_dir(monkeypatch, tmp_path):
-    """One build per torch version, Python version and machine type, under $TORCH_EXTENSIONS_DIR/dpo_kernels, else
-    $XDG_CACHE_HOME/dpo_kernels, else ~/.cache/dpo_kernels."""
+    """The build folder sits under $TORCH_EXTENSIONS_DIR/dpo_kernels, else $XDG_CACHE_HOME/dpo_kernels, else
+    ~/.cache/dpo_kernels, and its name says which torch, Python and machine."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -90,6 +92,58 @@ def test_build_dir(monkeypatch, tmp_path):
     assert all(c.isalnum() or c in "._-" for c in tag)
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert torch.__version__.split("+")[0] in tag and python in tag and platform.machine() in tag
+
+
+def test_build_dir_keyed_on_what_changes_the_build(monkeypatch, tmp_path):
+    """Two checkouts sharing the cache never share a folder unless they would build the same library: the folder
+    changes with the sources' contents, the flags, the compiler and the torch install, and only with those."""
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for name in cpu._SOURCES:
+        (sources / name).write_bytes((cpu._source_dir() / name).read_bytes())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpu, "_source_dir", lambda: sources)
+    first = cpu._build_dir()
+    (sources / "ops.cpp").touch()  # the same contents: the same folder
+    assert cpu._build_dir() == first
+    with open(sources / cpu._SOURCES[0], "a") as f:
+        f.write("\n// another checkout\n")
+    edited = cpu._build_dir()
+    monkeypatch.setattr(cpu, "_CFLAGS", (*cpu._CFLAGS, "-DDPO_TEST"))
+    flags = cpu._build_dir()
+    monkeypatch.setenv("CXX", "clang++")
+    compiler = cpu._build_dir()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-env" / "torch" / "__init__.py"))
+    other_torch = cpu._build_dir()
+    assert len({first, edited, flags, compiler, other_torch}) == 5
+    assert all(d.parent == tmp_path / "ext" / "dpo_kernels" for d in (first, edited, flags, compiler, other_torch))
+
+
+def test_build_announced_once_when_it_runs(monkeypatch, tmp_path, capsys):
+    """The first build says so on stderr, once per process, naming its folder; loading a cached build says
+    nothing. (cpp_extension.load is replaced by a stand-in that "builds" the library file.)"""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu._announce_build, "done", False, raising=False)
+    calls = []
+
+    def fake_load(*, name, build_directory, **kwargs):
+        calls.append(build_directory)
+        (tmp_path / "dpo_kernels").mkdir(exist_ok=True)
+        open(f"{build_directory}/{name}.so", "w").close()
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpu, "_register_fakes", lambda: None)  # no operators in the stand-in
+    cpu._load()  # builds: announced
+    err = capsys.readouterr().err
+    assert err.count("dpo_kernels: building the CPU kernels") == 1 and str(cpu._build_dir()) in err
+    (cpu._build_dir() / f"{cpu._NAME}.so").unlink()
+    cpu._load()  # a second build in the same process: not announced twice
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cpu._announce_build, "done", False)  # as in a new process
+    cpu._load()  # the library is there: cpp_extension only loads it, nothing is printed
+    assert capsys.readouterr().err == "" and len(calls) == 3
 
 
 def test_build_cached_and_loaded_once(monkeypatch):
