@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -291,8 +292,13 @@ def test_wandb_offline_without_network(tmp_path, cache_dir, monkeypatch, caplog)
         train(prepare(knobs))
     assert "--report-to wandb: no network to wandb.ai, logging offline" in caplog.text
     (run_file,) = (tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")
+    keys = (b"sft/loss", b"dpo/loss", b"dpo/rewards/accuracies", b"eval_loss")
+    # wandb's writer process may still be flushing the file when finish() returns on a loaded machine
+    deadline = time.monotonic() + 60
+    while not all(key in run_file.read_bytes() for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
     logged = run_file.read_bytes()
-    for key in (b"sft/loss", b"dpo/loss", b"dpo/rewards/accuracies", b"eval_loss"):
+    for key in keys:
         assert key in logged, key
 
 
