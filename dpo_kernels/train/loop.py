@@ -310,11 +310,14 @@ class Reference:
     def precompute(self, splits: dict[str, list[dict]]) -> None:
         """One pass over each split (every rank does all of it), then the model is freed."""
         for split, pairs in splits.items():
-            table = torch.zeros(len(pairs), 2, device=self.run.device)
+            table = None  # in the dtype of the sequence sums (float64)
             batches = eval_batches(self.run, pairs, stripe=False)
             for batch in tqdm(batches, desc=f"ref log-probs ({split})", disable=self.run.rank > 0):
                 batch = to_device(batch, self.run.device)
-                table[batch["index"]] = torch.stack(self.logps(batch), dim=1)
+                logps = torch.stack(self.logps(batch), dim=1)
+                if table is None:
+                    table = logps.new_zeros(len(pairs), 2)
+                table[batch["index"]] = logps
             self.tables[split] = table
         self.model = None
 
