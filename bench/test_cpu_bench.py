@@ -17,7 +17,7 @@ from bench import bench_logprobs as B
 
 pytest.importorskip("pytest_benchmark")
 
-N, V = 256, 32000  # rows, the Llama-2 vocabulary of bench_logprobs.CPU_SHAPES
+N, V = 128, 32000  # rows, the Llama-2 vocabulary of bench_logprobs.CPU_SHAPES
 DTYPE = "bf16"
 ROUNDS = 5
 PROVIDERS = B._providers()

@@ -479,6 +479,7 @@ def _worker(index: int, count: int, out: Path) -> None:
             if i % count != index:
                 continue
             result = compile_job(launch, target)
+            result["index"] = i
             result["variant"] = variants[0]
             result["same_as"] = variants[1:]
             f.write(json.dumps(result) + "\n")
@@ -521,7 +522,7 @@ def run_all(
                 raise RuntimeError(f"compile worker failed (exit {proc.returncode}):\n{log[-6000:]}")
             header = json.loads(lines[0])
             results += [json.loads(line) for line in lines[1:]]
-    return header, results
+    return header, sorted(results, key=lambda r: r["index"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,6 +560,20 @@ def test_kernels_compile_for_sm80_sm90():
 # the table
 
 
+def _git_sha() -> str:
+    """HEAD of the checkout (with "+dirty" when ops/ has uncommitted changes); GIT_SHA for an exported tree."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "dpo_kernels/ops"], cwd=ROOT, capture_output=True, text=True
+        )
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("GIT_SHA", "unknown")
+
+
 def markdown_table(header: dict, results: list[dict]) -> str:
     rows = {}
     for r in results:
@@ -566,8 +581,10 @@ def markdown_table(header: dict, results: list[dict]) -> str:
     targets = sorted({r["target"] for r in results}, reverse=True)
     counts = {t: sum(1 for r in results if r["target"] == t) for t in targets}
     lines = [
+        f"# Compile check: {' and '.join(targets)}, Triton {header['triton']}",
+        "",
         f"Kernels of `dpo_kernels/ops` compiled for {' and '.join(targets)} by `python tests/test_compile.py --table`, "
-        f"Triton {header['triton']}, torch {torch.__version__}; no GPU. Distinct compiles: "
+        f"Triton {header['triton']}, torch {torch.__version__}, git {_git_sha()}; no GPU. Distinct compiles: "
         + ", ".join(f"{counts[t]} for {t}" for t in targets)
         + ". Registers per thread and local memory (spills) from `cuobjdump -res-usage`; LDL/STL: local loads and "
         "stores in the SASS (in loops / all); shared memory in bytes (Triton's dynamic allocation). "
@@ -596,6 +613,19 @@ def markdown_table(header: dict, results: list[dict]) -> str:
                     str(r["shared"]),
                 ]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in results if "error" in r or r["loop_spill_instrs"]]
+    failed.sort(key=lambda r: (r["target"] != "sm_90", r["kernel"], r["index"]))
+    lines += ["", f"## Failures: {len(failed)} of {len(results)} compiles", ""]
+    for r in failed:
+        why = (
+            f"compile error: {short_error(r['error'])}"
+            if "error" in r
+            else (
+                f"{r['regs']} registers, {r['spill_bytes']} bytes stack frame, {r['loop_spill_instrs']} of "
+                f"{r['spill_instrs']} local loads/stores inside a loop"
+            )
+        )
+        lines.append(f"- `{r['kernel']}` [{r['variant']}] {r['target']}: {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -604,6 +634,9 @@ def main(argv=None) -> None:
     parser.add_argument("--table", action="store_true", help="compile everything and print the Markdown table")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the compile workers (another Triton)")
     parser.add_argument("--workers", type=int, default=WORKERS)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per worker")
+    parser.add_argument("--json", type=Path, help="also write the raw results there")
+    parser.add_argument("--from-json", type=Path, help="print the table of earlier --json results, compile nothing")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -612,7 +645,12 @@ def main(argv=None) -> None:
         _worker(args.worker, args.workers, args.out)
         return
     start = time.perf_counter()
-    header, results = run_all(args.python, args.workers)
+    if args.from_json:
+        header, results = json.loads(args.from_json.read_text())
+    else:
+        header, results = run_all(args.python, args.workers, args.timeout)
+    if args.json:
+        args.json.write_text(json.dumps([header, results]))
     if args.table:
         print(markdown_table(header, results))
     failed = [r for r in results if "error" in r or r["loop_spill_instrs"]]
