@@ -40,10 +40,10 @@ def _check_inplace(logits: torch.Tensor, backend: str) -> None:
         raise ValueError("inplace_grad=True needs the triton or cpu backend (and a non-float64 dtype)")
     if not logits.requires_grad:
         raise ValueError("inplace_grad=True needs logits that require grad")
-    if logits.is_leaf:
+    if logits.is_leaf or (logits._base is not None and logits._base.is_leaf):
         raise ValueError(
-            "inplace_grad=True would overwrite a leaf tensor with its own gradient (its .grad would alias its "
-            "storage): pass the output of a layer, or inplace_grad=False"
+            "inplace_grad=True would overwrite a leaf tensor (or a view of one) with its own gradient (its .grad "
+            "would alias its storage): pass the output of a layer, or inplace_grad=False"
         )
     if _overlapping(logits):
         raise ValueError(
@@ -510,9 +510,9 @@ def dpo_loss(
         sequence_stats: per-sequence stats sums [2B] for TRL's logits/*, entropy and mean_token_accuracy metrics.
 
     Returns:
-        `DPOOutput` in the promoted dtype of the four log-prob tensors (at least fp32; when one is float64 every
-        backend computes in float64); `loss` is differentiable with respect to all four and the sft sum (on the
-        triton backend the per-pair `losses` carry no gradient).
+        `DPOOutput` in the promoted dtype of the four log-prob tensors and fp32 (when one is float64 every backend
+        computes in float64); `loss` is differentiable with respect to all four and the sft sum; `losses`, the
+        rewards and the metrics are detached (on every backend).
 
     Example:
         >>> out = dk.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
@@ -537,7 +537,7 @@ def dpo_loss(
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     wide = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (pc, pr, rc, rr))
     if wide or dispatch.pick(pc, backend) != "triton":  # float64 anywhere: the float64 math
-        return R.dpo_loss(pc, pr, rc, rr, **options, **extra, sequence_stats=sequence_stats)
+        return R.dpo_loss(pc, pr, rc, rr, **options, **extra, sequence_stats=sequence_stats).detached_details()
     config = L.loss_config(**options, use_weighting=wpo_weights is not None)
     sft_count = L.check_loss_inputs(config, pc, pr, rc, rr, **extra)
     B = pc.shape[0]
@@ -563,7 +563,7 @@ def dpo_loss(
         chosen_logps=pc,
         rejected_logps=pr,
         metrics=_metrics(metrics, sequence_stats),
-    )
+    ).detached_details()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -641,7 +641,7 @@ def _loss_from_sequences(
             f_alpha_divergence_coef=config.f_alpha_divergence_coef,
         )
         out = R.dpo_loss_from_sequences(seq, rc, rr, use_weighting=use_weighting, return_stats=return_stats, **options)
-    return out.to(out_dtype)
+    return out.to(out_dtype).detached_details()
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -833,14 +833,9 @@ def dpo_loss_from_logits(
         common = dict(ignore_index=ignore_index, temperature=temperature, backend=chosen)
         out = token_logps(x, labels, **common, return_stats=stats, inplace_grad=inplace)
         lp, token_stats = out if stats else (out, None)
+        # the scored mask, not the labels: labels of only 0s and 1s are labels here
         return sequence_logps(
-            lp,
-            labels,
-            ld_alpha=ld_alpha,
-            cu_seqlens=cu_seqlens,
-            token_stats=token_stats,
-            ignore_index=ignore_index,
-            backend=chosen,
+            lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=token_stats, backend=chosen
         )
 
     rc, rr = _resolve_reference(
@@ -889,7 +884,7 @@ def dpo_loss_from_logits(
         chosen_logps=sums[0, :B].float(),
         rejected_logps=sums[0, B:].float(),
         metrics=_metrics(metrics, stats),
-    )
+    ).detached_details()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1112,14 +1107,9 @@ def dpo_loss_from_hidden(
     def sequences(h, w, b, with_stats: bool) -> SequenceLogps:
         out = linear_token_logps(h, w, labels, bias=b, **transform, return_stats=with_stats, backend=backend)
         lp, stats = out if with_stats else (out, None)
+        # the scored mask, not the labels: labels of only 0s and 1s are labels here
         return sequence_logps(
-            lp,
-            labels,
-            ld_alpha=ld_alpha,
-            cu_seqlens=cu_seqlens,
-            token_stats=stats,
-            ignore_index=ignore_index,
-            backend=small,
+            lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, backend=small
         )
 
     def reference_sequences() -> torch.Tensor:

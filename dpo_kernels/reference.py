@@ -241,6 +241,19 @@ class DPOOutput:
     rejected_logps: torch.Tensor
     metrics: dict[str, torch.Tensor]
 
+    def detached_details(self) -> DPOOutput:
+        """The same output with only `loss` and the policy's `chosen_logps` / `rejected_logps` differentiable (the
+        public functions' gradient rule, the same on every backend): `losses`, rewards and metrics detached."""
+        return DPOOutput(
+            loss=self.loss,
+            losses=self.losses.detach(),
+            chosen_rewards=self.chosen_rewards.detach(),
+            rejected_rewards=self.rejected_rewards.detach(),
+            chosen_logps=self.chosen_logps,
+            rejected_logps=self.rejected_logps,
+            metrics={key: value.detach() for key, value in self.metrics.items()},
+        )
+
     def to(self, dtype: torch.dtype) -> DPOOutput:
         """Every floating-point field in `dtype` (differentiable casts; a no-op where the dtype already is)."""
         cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
@@ -387,7 +400,9 @@ def dpo_loss(
         chosen_token_logp_sum=chosen_token_logp_sum,
         chosen_token_count=chosen_token_count,
     )
+    # at least fp32, as every backend: bf16 sums of thousands of nats would round the margin away
     dtype = torch.promote_types(torch.promote_types(pc.dtype, pr.dtype), torch.promote_types(rc.dtype, rr.dtype))
+    dtype = torch.promote_types(dtype, torch.float32)
     pc, pr, rc, rr = (t.to(dtype) for t in (pc, pr, rc, rr))
     B = pc.shape[0]
 
@@ -454,9 +469,7 @@ def dpo_loss_from_logits(
     def sequences(x: torch.Tensor, with_stats: bool) -> SequenceLogps:
         out = token_logps(x, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats)
         lp, stats = out if with_stats else (out, None)
-        return sequence_logps(
-            lp, labels, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, ignore_index=ignore_index
-        )
+        return sequence_logps(lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats)
 
     given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
     if given[0] != given[1] or given[0] + (ref_logits is not None) + bool(reference_free) != 1:

@@ -166,9 +166,20 @@ def test_inplace_grad_refuses_a_leaf(backend, entry):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("entry", ["token_logps", "dpo_loss_from_logits"])
+@pytest.mark.parametrize("view", ["slice", "view", "rows"])
+def test_inplace_grad_refuses_a_view_of_a_leaf(backend, entry, view):
+    """A view of a leaf shares its storage: written over, the leaf would hold its own gradient."""
+    leaf = torch.randn(4, 3, 17, requires_grad=True)
+    logits = {"slice": leaf[:], "view": leaf.view(2, 6, 17), "rows": leaf[0:2]}[view]
+    with pytest.raises(ValueError, match="inplace_grad=True would overwrite a leaf tensor \\(or a view of one\\)"):
+        _inplace_call(entry, logits, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("entry", ["token_logps", "dpo_loss_from_logits"])
 def test_inplace_grad_refuses_shared_rows(backend, entry):
     """Rows that share memory (expand) would overwrite each other's gradient."""
-    row = torch.randn(1, 1, 17, requires_grad=True)
+    row = torch.randn(1, 1, 17, requires_grad=True) * 1  # not a leaf: the overlap is what is refused
     with pytest.raises(ValueError, match="logits whose elements do not share memory"):
         _inplace_call(entry, row.expand(2, 3, 17), backend)
 
@@ -237,6 +248,65 @@ def test_output_dtypes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dpo_loss_half_inputs(backend, dtype):
+    """All-bf16 / all-fp16 log-probs: fp32 math and outputs on every backend (bf16 rounded the margin away, fp16
+    sppo_hard overflowed to inf on the reference)."""
+    pc, pr = torch.tensor([-301.0, -12.5]), torch.tensor([-305.0, -11.0])
+    rc, rr = torch.tensor([-299.0, -13.0]), torch.tensor([-300.0, -12.0])
+    for loss_type in ("sigmoid", "sppo_hard"):
+        out = dk.dpo_loss(*(t.to(dtype) for t in (pc, pr, rc, rr)), loss_type=loss_type, backend=backend)
+        assert out.loss.dtype == torch.float32
+        x = [t.to(dtype).double() for t in (pc, pr, rc, rr)]
+        xc, xr = x[0] - x[2], x[1] - x[3]
+        if loss_type == "sigmoid":
+            expected = -F.logsigmoid(0.1 * (xc - xr)).mean()
+        else:
+            expected = ((xc - 5.0) ** 2 + (xr + 5.0) ** 2).mean()
+        assert_out_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["dpo_loss", "dpo_loss_from_logits", "dpo_loss_from_hidden"])
+def test_only_loss_and_policy_logps_differentiable(backend, entry):
+    """One rule: per-pair losses, rewards and metrics are detached on every backend (on Triton they reported
+    requires_grad and back-propagated zeros)."""
+    B, T, H, V = 2, 5, 8, 19
+    labels = _labels(2 * B, T, V, -100)
+    rc, rr = torch.randn(B) - 20, torch.randn(B) - 20
+    if entry == "dpo_loss":
+        pc = (torch.randn(B) - 20).requires_grad_()
+        out = dk.dpo_loss(pc, torch.randn(B) - 20, rc, rr, backend=backend)
+    elif entry == "dpo_loss_from_logits":
+        out = dk.dpo_loss_from_logits(torch.randn(2 * B, T, V, requires_grad=True), labels, rc, rr, backend=backend)
+    else:
+        hidden = torch.randn(2 * B, T, H, requires_grad=True)
+        out = dk.dpo_loss_from_hidden(hidden, torch.randn(V, H), labels, rc, rr, backend=backend)
+    assert out.loss.requires_grad and out.chosen_logps.requires_grad
+    details = [out.losses, out.chosen_rewards, out.rejected_rewards, *out.metrics.values()]
+    assert not any(t.requires_grad for t in details)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["dpo_loss_from_logits", "dpo_loss_from_hidden"])
+def test_labels_of_zeros_and_ones_are_labels(backend, entry):
+    """Labels whose ids are all 0 or 1 with no ignored position are labels, not a 0/1 mask (they were refused)."""
+    B, T, H, V = 2, 4, 8, 5
+    labels = torch.randint(0, 2, (2 * B, T))
+    rc, rr = torch.full((B,), -5.0), torch.full((B,), -6.0)
+    x = torch.randn(2 * B, T, H if entry == "dpo_loss_from_hidden" else V)
+    weight = torch.randn(V, H)
+    if entry == "dpo_loss_from_logits":
+        out = dk.dpo_loss_from_logits(x, labels, rc, rr, backend=backend)
+        logits = x
+    else:
+        out = dk.dpo_loss_from_hidden(x, weight, labels, rc, rr, backend=backend)
+        logits = x.double() @ weight.double().T
+    sums, _ = oracle_sums(oracle_token_logps(logits, labels, -100), labels != -100)
+    assert_out_close(out.loss, oracle_sigmoid_loss(sums[:B], sums[B:], rc.double(), rr.double()), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_mix_term_limit(backend):
     """At most 15 terms on every backend (the kernel packs the codes into one constexpr)."""
     names = ["sigmoid"] * (L.MAX_LOSS_TERMS + 1)
@@ -289,3 +359,110 @@ def test_margins_keep_their_precision(backend, V):
     expected = oracle_sigmoid_loss(sums[:B], sums[B:], rc, rr, beta=0.1)
     out = dk.dpo_loss_from_logits(logits, labels, rc, rr, beta=0.1, backend=backend)
     assert abs(out.loss.double() - expected).item() <= 1e-6
+
+
+# --- 13 and the host syncs: every public function compiles into one graph -----------------------------------------
+
+
+def _packed_case(B: int = 2, H: int = 8, V: int = 21):
+    lengths = torch.tensor([5, 3, 6, 4])[: 2 * B]
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    N = int(cu[-1])
+    labels = torch.randint(0, V, (N,))
+    labels[cu[:-1]] = -100  # each sequence's first token is a prompt token
+    return cu, labels, torch.randn(N, V), torch.randn(N, H), torch.randn(V, H) * 0.5
+
+
+def _call(fn: str, layout: str, backend: str, x: torch.Tensor, labels, cu, weight):
+    """One public function's differentiable output (a scalar) for input x (logits or hidden)."""
+    packed = dict(cu_seqlens=cu) if layout == "packed" else {}
+    B = (cu.numel() - 1 if layout == "packed" else labels.shape[0]) // 2
+    rc = rr = torch.full((B,), -30.0, dtype=torch.float64)
+    if fn == "token_logps":
+        lp, stats = dk.token_logps(x, labels, return_stats=True, backend=backend)
+        return lp.sum() + stats.entropy.sum()
+    if fn == "sequence_logps":
+        lp = dk.token_logps(x, labels, backend=backend)
+        return dk.sequence_logps(lp, labels, ld_alpha=0.5, **packed, backend=backend).logps.sum()
+    if fn == "dpo_loss":
+        lp = dk.token_logps(x, labels, backend=backend)
+        seq = dk.sequence_logps(lp, labels, **packed, backend=backend).logps
+        return dk.dpo_loss(seq[:B], seq[B:], rc, rr, loss_type=["sigmoid", "aot"], backend=backend).loss
+    if fn == "dpo_loss_from_logits":
+        out = dk.dpo_loss_from_logits(
+            x, labels, rc, rr, **packed, use_weighting=True, return_stats=True, backend=backend
+        )
+        return out.loss + out.chosen_logps.sum() * 1e-3
+    if fn == "linear_token_logps":
+        return dk.linear_token_logps(x, weight, labels, backend=backend).sum()
+    out = dk.dpo_loss_from_hidden(x, weight, labels, rc, rr, **packed, ld_alpha=0.5, return_stats=True, backend=backend)
+    return out.loss
+
+
+PUBLIC_CASES = [
+    ("token_logps", "padded"),
+    ("sequence_logps", "padded"),
+    ("sequence_logps", "packed"),
+    ("dpo_loss", "padded"),
+    ("dpo_loss", "packed"),
+    ("dpo_loss_from_logits", "padded"),
+    ("dpo_loss_from_logits", "packed"),
+    ("linear_token_logps", "padded"),
+    ("dpo_loss_from_hidden", "padded"),
+    ("dpo_loss_from_hidden", "packed"),
+]
+
+
+def _inputs(fn: str, layout: str):
+    cu, packed_labels, packed_logits, packed_hidden, weight = _packed_case()
+    hidden_fn = fn in ("linear_token_logps", "dpo_loss_from_hidden")
+    if layout == "packed":
+        return (packed_hidden if hidden_fn else packed_logits), packed_labels, cu, weight
+    labels = _labels(4, 6, weight.shape[0], -100)
+    x = torch.randn(4, 6, weight.shape[1]) if hidden_fn else torch.randn(4, 6, weight.shape[0])
+    return x, labels, cu, weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn, layout", [c for c in PUBLIC_CASES if "hidden" not in c[0] and "linear" not in c[0]])
+def test_public_functions_compile_fullgraph(backend, fn, layout):
+    """torch.compile(fullgraph=True) of every public function, padded and packed: a host read of a tensor (a
+    device sync on a GPU) would break the graph and fail here. Same values and gradients as eager."""
+    torch._dynamo.reset()
+    x, labels, cu, weight = _inputs(fn, layout)
+    step = lambda x: _call(fn, layout, backend, x, labels, cu, weight)  # noqa: E731
+    x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x_compiled)
+    out_eager = step(x_eager)
+    out.backward()
+    out_eager.backward()
+    torch.testing.assert_close(out, out_eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-6, rtol=1e-6)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts tensor → Python reads (`.item()`, `bool(t)`, `.tolist()`): on a GPU each is a device sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn, layout", PUBLIC_CASES)
+def test_no_host_read_off_the_cpu(backend, fn, layout, monkeypatch):
+    """With the value checks that only CPU tensors get turned off (as for CUDA tensors), a call and its backward
+    read nothing back to the host."""
+    monkeypatch.setattr(L, "_host_checks", lambda t: False)
+    x, labels, cu, weight = _inputs(fn, layout)
+    x.requires_grad_()
+    dk.token_logps(x[..., :1], torch.zeros(x.shape[:-1], dtype=torch.long))  # builds the native backend first
+    with _HostReads() as mode:
+        _call(fn, layout, backend, x, labels, cu, weight).backward()
+    assert mode.reads == []
