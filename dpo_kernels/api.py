@@ -835,7 +835,12 @@ def dpo_loss_from_logits(
         lp, token_stats = out if stats else (out, None)
         # the scored mask, not the labels: labels of only 0s and 1s are labels here
         return sequence_logps(
-            lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=token_stats, backend=chosen
+            lp,
+            labels != ignore_index,
+            ld_alpha=ld_alpha,
+            cu_seqlens=cu_seqlens,
+            token_stats=token_stats,
+            backend=chosen,
         )
 
     rc, rr = _resolve_reference(
