@@ -271,10 +271,18 @@ def check_labels_or_mask(labels_or_mask, ignore_index: int) -> None:
         )
 
 
+# The kernels scale by 2 / T in fp32: below this T that factor is not finite.
+MIN_TEMPERATURE = 2.0 / torch.finfo(torch.float32).max
+
+
 def check_temperature(temperature: float) -> float:
     temperature = float(temperature)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if temperature <= MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must exceed {MIN_TEMPERATURE:.3g} (2 / T must be finite in fp32), got {temperature}"
+        )
     return temperature
 
 

@@ -257,6 +257,7 @@ BAD_FROM_LOGITS = [
         "f_divergence_type 'forward_kl' is not supported with loss_type 'bco_pair'",
     ),
     ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": 5e-39}, ValueError, "temperature must exceed 5.88e-39 \\(2 / T must be finite in fp32\\)"),
     ({"labels": torch.zeros(4, 5)}, TypeError, "labels must be an integer tensor"),
     ({"labels": torch.full((4, 5), 13)}, ValueError, "labels must be in \\[0, 13\\) or equal ignore_index"),
     ({"labels": torch.zeros(4, 6, dtype=torch.long)}, ValueError, "labels shape \\(4, 6\\) must equal logits shape"),

@@ -203,7 +203,7 @@ def _loss_term(
     beta, eps, tau, log1m_eps, log_eps, sft_loss, sft_grad,  # scalars
 ):  # fmt: skip
     # ℓ_i and ∂ℓ_i/∂(pc, pr, rc, rr, sft_sum) of one loss type (∂/∂sft_sum: summed over the batch)
-    zero = tl.zeros_like(pc)
+    zero = tl.zeros_like(xc)  # fp32 (pc may be float64 sums)
     g_sft = zero
     if (_DELTA_LOSSES >> CODE) & 1:
         ell, gz = _delta_loss(CODE, beta * (sc - sr), eps, tau, log1m_eps, log_eps)
