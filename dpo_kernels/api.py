@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 
@@ -933,39 +934,169 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     return softcap, logit_scale
 
 
-class _LinearTokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, options, return_stats):
+# The fused head is one pair of torch custom ops over either implementation (the Triton kernels of
+# ops/linear_logprobs.py, or chunked.py's tiled torch head for the other backends), with one autograd: torch.compile
+# keeps them in its graph. The backward runs under the forward's autocast state, so that its recomputed tiles are
+# the forward's.
+
+
+def _head(backend: str) -> ModuleType:
+    if backend == "triton":
         from dpo_kernels.ops import linear_logprobs
 
-        logps, lse, stats = linear_logprobs.linear_logprobs_fwd(
-            hidden, weight, labels, bias=bias, **options, return_stats=return_stats
-        )
-        if stats is None:
-            stats = logps.new_empty(0, hidden.shape[0])
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, stats)
-        ctx.options = options
-        return logps, stats
+        return linear_logprobs
+    return chunked
 
-    @staticmethod
-    def backward(ctx, grad_logps, grad_stats):
-        from dpo_kernels.ops import linear_logprobs
 
-        hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
-        has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
-        grad_hidden, grad_weight, grad_bias = linear_logprobs.linear_logprobs_bwd(
+def _head_chunks(backend: str, chunks: list[int]) -> dict:
+    """chunked.py's tile sizes (tests shrink them); the Triton head sizes its own tiles."""
+    return {} if backend == "triton" else dict(token_chunk=chunks[0], vocab_chunk=chunks[1])
+
+
+@torch.library.custom_op("dpo_kernels::linear_logps_fwd", mutates_args=())
+def _linear_logps_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    backend: str,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    return_stats: bool,
+    chunks: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    logps, lse, stats = _head(backend).linear_logprobs_fwd(
+        hidden, weight, labels, bias=bias, **transform, return_stats=return_stats, **_head_chunks(backend, chunks)
+    )
+    return logps, lse, logps.new_empty(0, hidden.shape[0]) if stats is None else stats
+
+
+@_linear_logps_fwd.register_fake
+def _(hidden, weight, bias, labels, backend, ignore_index, temperature, softcap, logit_scale, return_stats, chunks):
+    out = lambda *shape: hidden.new_empty(shape, dtype=_out_dtype(hidden))  # noqa: E731
+    N = hidden.shape[0]
+    return out(N), out(N), out(4 if return_stats else 0, N)
+
+
+@torch.library.custom_op("dpo_kernels::linear_logps_bwd", mutates_args=())
+def _linear_logps_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    backend: str,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunks: list[int],
+    weight_grad: bool,
+    autocast_enabled: bool,
+    autocast_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_enabled):
+        dh, dw, db = _head(backend).linear_logprobs_bwd(
             hidden,
             weight,
             labels,
             lse,
-            grad_logps.float().contiguous() if grad_logps is not None else None,
+            grad_logps,
             bias=bias,
-            **ctx.options,
-            grad_entropy=grad_stats[0].float().contiguous() if has_entropy_grad else None,
-            entropy=stats[0] if has_entropy_grad else None,
-            weight_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+            **transform,
+            grad_entropy=grad_entropy,
+            entropy=entropy,
+            weight_grad=weight_grad,
+            **_head_chunks(backend, chunks),
         )
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+    # a custom op returns tensors (none aliasing another): an empty one stands for "no gradient"
+    return dh, hidden.new_empty(0) if dw is None else dw, hidden.new_empty(0) if db is None else db
+
+
+@_linear_logps_bwd.register_fake
+def _(hidden, weight, bias, labels, lse, grad_logps, grad_entropy, entropy, *args):
+    weight_grad = args[6]
+    dw = torch.empty_like(weight) if weight_grad else hidden.new_empty(0)
+    db = torch.empty_like(bias) if weight_grad and bias is not None else hidden.new_empty(0)
+    return torch.empty_like(hidden), dw, db
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type without autocast
+        return False, torch.float32
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, backend, ignore_index, temperature, softcap, logit_scale, _, chunks = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
+    ctx.options = (backend, ignore_index, temperature, softcap, logit_scale, chunks)
+    ctx.autocast = _autocast_state(hidden.device.type)
+
+
+def _linear_backward(ctx, grad_logps, _grad_lse, grad_stats):
+    hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
+    has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
+    weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dh, dw, db = _linear_logps_bwd(
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        None if grad_logps is None else grad_logps.to(lse.dtype).contiguous(),
+        grad_stats[0].to(lse.dtype).contiguous() if has_entropy_grad else None,
+        stats[0] if has_entropy_grad else None,
+        *ctx.options,
+        weight_grad,
+        *ctx.autocast,
+    )
+    dw = dw if weight_grad else None
+    db = db if weight_grad and bias is not None else None
+    return dh, dw, db, *(None,) * 8
+
+
+_linear_logps_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    backend: str,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    chunks: tuple[int, int] = (chunked.TOKEN_CHUNK, chunked.VOCAB_CHUNK),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused head on [N, H] rows, differentiable: (logps [N], stats [4, N] or [0, N]). No checks: callers
+    validate (the public `linear_token_logps`; tests that shrink chunked.py's tiles)."""
+    logps, _, stats = _linear_logps_fwd(
+        hidden,
+        weight,
+        bias,
+        labels,
+        backend,
+        ignore_index,
+        temperature,
+        softcap,
+        logit_scale,
+        return_stats,
+        list(chunks),
+    )
+    return logps, stats
 
 
 def linear_token_logps(
@@ -1022,14 +1153,9 @@ def linear_token_logps(
     rows = rows.reshape(-1, H)  # a view for evenly strided rows, else a copy
     flat_labels = labels.reshape(-1).long()
     options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    if dispatch.pick(hidden, backend) == "triton":
-        logps, stats = _LinearTokenLogps.apply(
-            rows, weight, None if bias is None else bias.contiguous(), flat_labels, options, return_stats
-        )
-    else:
-        logps, stats = chunked.chunked_linear_token_logps(
-            rows, weight, flat_labels, bias=bias, **options, return_stats=return_stats
-        )
+    chosen = dispatch.pick(hidden, backend)
+    bias = None if bias is None else bias.contiguous()
+    logps, stats = _linear_logps(rows, weight, bias, flat_labels, chosen, **options, return_stats=return_stats)
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps

@@ -17,8 +17,8 @@ grad_weight in fp32 (float64 for float64 inputs):
     dz = g (1[v = y] - p) - gH p (z - (lse - entropy)),   dy = dz · dz/dy,   dH += dy W,  dW += dyᵀ h,  db += Σ dy
 
 Under torch.autocast the tile's matmul runs in the autocast dtype (y is then rounded to it) and the rest in fp32; the
-forward saves the autocast state and the backward recomputes its tiles under that same state, wherever the backward
-runs, so that p is exactly the forward's softmax (Σp = 1, a bias gradient summing to 0).
+api saves the forward's autocast state and runs the backward under that same state, wherever the backward runs, so
+that the recomputed p is exactly the forward's softmax (Σp = 1, a bias gradient summing to 0).
 
 NaN policy, that of every backend (ops/logprobs.py): ignored tokens give 0 everywhere and no gradient (their hidden
 rows are never read); a token whose logits hold a NaN or +inf or are all -inf, or whose label is outside [0, V),
@@ -34,24 +34,6 @@ import torch
 
 TOKEN_CHUNK = 2048
 VOCAB_CHUNK = 16384  # 2048 x 16384 fp32 tiles: 128 MiB each, a few alive at a time
-
-
-class _Autocast(NamedTuple):
-    """The autocast state the forward ran under, restored around the backward's recomputation."""
-
-    device_type: str
-    enabled: bool
-    dtype: torch.dtype
-
-    @staticmethod
-    def current(device_type: str) -> "_Autocast":
-        if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu"):
-            return _Autocast(device_type, False, torch.float32)
-        enabled = torch.is_autocast_enabled(device_type)
-        return _Autocast(device_type, enabled, torch.get_autocast_dtype(device_type))
-
-    def context(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 class _Options(NamedTuple):
@@ -95,101 +77,13 @@ def _label_column(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> to
     return torch.where(inside, z.gather(1, col[:, None]).squeeze(1), torch.zeros((), dtype=z.dtype))
 
 
-class _ChunkedLinearTokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: _Options):
-        compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        N, V = hidden.shape[0], weight.shape[0]
-        mean_scale = 2.0 ** -max(V - 1, 1).bit_length()  # Σ z 2^-k, 2^k >= V: no overflow at any finite z
-        scored = torch.nonzero(labels != opts.ignore_index).squeeze(1)
-        logps = hidden.new_zeros(N, dtype=compute)
-        lse = hidden.new_zeros(N, dtype=compute)
-        stats = hidden.new_zeros(4 if opts.return_stats else 0, N, dtype=compute)
-        for t0 in range(0, scored.numel(), opts.token_chunk):
-            rows = scored[t0 : t0 + opts.token_chunk]
-            h, y_lab = hidden.index_select(0, rows).to(compute), labels[rows]
-            n = rows.numel()
-            m = h.new_full((n,), -float("inf"))
-            l_i, s1, s2, sx, zy = (h.new_zeros(n) for _ in range(5))
-            arg = torch.zeros(n, dtype=torch.long, device=h.device)
-            for v0, v1, _, z, _ in _tiles(h, weight, bias, opts, compute):
-                tile_max = z.amax(1)
-                arg = torch.where(tile_max > m, v0 + z.argmax(1), arg)  # strictly larger: the first argmax
-                m_new = torch.maximum(m, tile_max)
-                # the first tile: sums are 0, keep them; >= -1e4 (exp = 0 already): l_i * shift never 0 · -inf
-                shift = torch.where(m == -float("inf"), 0.0, (m - m_new).clamp(min=-1e4))
-                alpha = shift.exp()
-                t = z - torch.where(m_new == -float("inf"), 0.0, m_new)[:, None]  # no -inf - -inf
-                e = t.exp()
-                if opts.return_stats:  # e · t at -inf z (or z - m overflowing): t clamped, 0 not 0 · -inf
-                    s1 = alpha * (s1 + l_i * shift) + (e * t.clamp(min=-1e4)).sum(1)
-                    s2 = alpha * alpha * s2 + (e * e).sum(1)
-                    sx += (z * mean_scale).sum(1)
-                l_i = alpha * l_i + e.sum(1)
-                zy += _label_column(z, y_lab, v0, v1)
-                m = m_new
-            in_range = (y_lab >= 0) & (y_lab < V)
-            ok = (l_i > 0) & in_range  # NaN or +inf z: l NaN; all -inf: l = 0; and bad labels
-            log_l = l_i.log()
-            logps[rows] = torch.where(ok, zy - m - log_l, float("nan"))
-            lse[rows] = torch.where(ok, m + log_l, float("nan"))  # NaN: the backward's p, so dz, NaN there
-            if opts.return_stats:
-                nan = torch.full((), float("nan"), dtype=compute, device=h.device)
-                entropy, mean_z = log_l - s1 / l_i, sx / (mean_scale * V)
-                log_sum_sq = s2.log() - 2.0 * log_l
-                entropy, mean_z, log_sum_sq = (torch.where(ok, v, nan) for v in (entropy, mean_z, log_sum_sq))
-                stats[:, rows] = torch.stack([entropy, mean_z, ((arg == y_lab) & ok).to(compute), log_sum_sq])
-        ctx.save_for_backward(hidden, weight, bias, labels, scored, lse, stats)
-        ctx.opts = opts
-        ctx.autocast = _Autocast.current(hidden.device.type)
-        ctx.mark_non_differentiable(lse)
-        return logps, lse, stats
-
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_lse, grad_stats):
-        hidden, weight, bias, labels, scored, lse, stats = ctx.saved_tensors
-        opts = ctx.opts
-        compute = lse.dtype
-        has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
-        grad_hidden = torch.zeros(hidden.shape, dtype=compute, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=compute, device=bias.device)
-        V = weight.shape[0]
-        # The forward's autocast state, whatever the backward runs under: the same tiles, so p is the forward's.
-        with ctx.autocast.context():
-            for t0 in range(0, scored.numel(), opts.token_chunk):
-                rows = scored[t0 : t0 + opts.token_chunk]
-                h, y_lab, lse_c = hidden.index_select(0, rows).to(compute), labels[rows], lse[rows, None]
-                g = torch.zeros(rows.numel(), dtype=compute, device=h.device)
-                if grad_logps is not None:
-                    g = torch.where((y_lab >= 0) & (y_lab < V), grad_logps[rows].to(compute), float("nan"))
-                if has_entropy_grad:
-                    g_h = grad_stats[0, rows].to(compute)[:, None]
-                    mean_z = lse_c - stats[0, rows, None]  # E_p[z] = lse - entropy
-                dh = torch.zeros_like(h)
-                for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
-                    p = (z - lse_c).clamp(max=0.0).exp()  # z - lse <= 0 but for lse's rounding; NaN kept
-                    dz = -g[:, None] * p
-                    inside = (y_lab >= v0) & (y_lab < v1)
-                    dz[inside, y_lab[inside] - v0] += g[inside]
-                    if has_entropy_grad:
-                        dz -= g_h * p * torch.where(p > 0, z - mean_z, 0.0)  # 0 at -inf z, not 0 · -inf
-                    dy = dz * dz_dy
-                    dh += dy @ w
-                    grad_weight[v0:v1] += dy.T @ h
-                    if grad_bias is not None:
-                        grad_bias[v0:v1] += dy.sum(0)
-                grad_hidden[rows] = dh
-        return (
-            grad_hidden.to(hidden.dtype),
-            grad_weight.to(weight.dtype),
-            None if bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-        )
+def _options(ignore_index, temperature, softcap, logit_scale, return_stats, token_chunk, vocab_chunk) -> _Options:
+    return _Options(
+        ignore_index, float(temperature), softcap, float(logit_scale), return_stats, token_chunk, vocab_chunk
+    )
 
 
-def chunked_linear_token_logps(
+def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -202,16 +96,111 @@ def chunked_linear_token_logps(
     return_stats: bool = False,
     token_chunk: int = TOKEN_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs of `labels` under softmax(transform(hidden @ weightᵀ + bias)), differentiable.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H], labels [N] → (logps, lse, stats | None), as `ops.linear_logprobs`'s launcher:
+    fp32 (float64 for float64 hidden) [N], [N] and [4, N] (entropy, mean logit, is_top1 as 1.0 / 0.0, log Σ p²),
+    0 at ignored rows. Runs under the caller's autocast state (the tile matmul in its dtype)."""
+    opts = _options(ignore_index, temperature, softcap, logit_scale, return_stats, token_chunk, vocab_chunk)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    labels = labels.long()
+    N, V = hidden.shape[0], weight.shape[0]
+    mean_scale = 2.0 ** -max(V - 1, 1).bit_length()  # Σ z 2^-k, 2^k >= V: no overflow at any finite z
+    scored = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+    logps = hidden.new_zeros(N, dtype=compute)
+    lse = hidden.new_zeros(N, dtype=compute)
+    stats = hidden.new_zeros(4 if opts.return_stats else 0, N, dtype=compute)
+    for t0 in range(0, scored.numel(), opts.token_chunk):
+        rows = scored[t0 : t0 + opts.token_chunk]
+        h, y_lab = hidden.index_select(0, rows).to(compute), labels[rows]
+        n = rows.numel()
+        m = h.new_full((n,), -float("inf"))
+        l_i, s1, s2, sx, zy = (h.new_zeros(n) for _ in range(5))
+        arg = torch.zeros(n, dtype=torch.long, device=h.device)
+        for v0, v1, _, z, _ in _tiles(h, weight, bias, opts, compute):
+            tile_max = z.amax(1)
+            arg = torch.where(tile_max > m, v0 + z.argmax(1), arg)  # strictly larger: the first argmax
+            m_new = torch.maximum(m, tile_max)
+            # the first tile: sums are 0, keep them; >= -1e4 (exp = 0 already): l_i * shift never 0 · -inf
+            shift = torch.where(m == -float("inf"), 0.0, (m - m_new).clamp(min=-1e4))
+            alpha = shift.exp()
+            t = z - torch.where(m_new == -float("inf"), 0.0, m_new)[:, None]  # no -inf - -inf
+            e = t.exp()
+            if opts.return_stats:  # e · t at -inf z (or z - m overflowing): t clamped, 0 not 0 · -inf
+                s1 = alpha * (s1 + l_i * shift) + (e * t.clamp(min=-1e4)).sum(1)
+                s2 = alpha * alpha * s2 + (e * e).sum(1)
+                sx += (z * mean_scale).sum(1)
+            l_i = alpha * l_i + e.sum(1)
+            zy += _label_column(z, y_lab, v0, v1)
+            m = m_new
+        in_range = (y_lab >= 0) & (y_lab < V)
+        ok = (l_i > 0) & in_range  # NaN or +inf z: l NaN; all -inf: l = 0; and bad labels
+        log_l = l_i.log()
+        logps[rows] = torch.where(ok, zy - m - log_l, float("nan"))
+        lse[rows] = torch.where(ok, m + log_l, float("nan"))  # NaN: the backward's p, so dz, NaN there
+        if opts.return_stats:
+            nan = torch.full((), float("nan"), dtype=compute, device=h.device)
+            entropy, mean_z = log_l - s1 / l_i, sx / (mean_scale * V)
+            log_sum_sq = s2.log() - 2.0 * log_l
+            entropy, mean_z, log_sum_sq = (torch.where(ok, v, nan) for v in (entropy, mean_z, log_sum_sq))
+            stats[:, rows] = torch.stack([entropy, mean_z, ((arg == y_lab) & ok).to(compute), log_sum_sq])
+    return logps, lse, (stats if opts.return_stats else None)
 
-    hidden [N, H], weight [V, H], bias [V] or None, labels [N] → (logps [N], stats [4, N] or None) in fp32
-    (float64 for float64 hidden): stats rows entropy, mean logit, is_top1 (1.0 / 0.0), log Σ p², 0 at ignored
-    rows; only logps and the entropy carry gradients (to hidden, weight and bias, in their dtypes). Semantics of
-    `ops.linear_logprobs.linear_logprobs_fwd`; one host synchronisation (the scored rows) per call.
-    """
-    opts = _Options(
-        ignore_index, float(temperature), softcap, float(logit_scale), return_stats, token_chunk, vocab_chunk
+
+def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    weight_grad: bool = True,
+    token_chunk: int = TOKEN_CHUNK,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of Σ_i grad_logps[i] · logp[i] + grad_entropy[i] · entropy[i] → (grad_hidden, grad_weight | None,
+    grad_bias | None) in the dtypes of hidden, weight and bias, as `ops.linear_logprobs`'s launcher; the tiles are
+    recomputed under the caller's autocast state, which must be the forward's (the api restores it)."""
+    opts = _options(ignore_index, temperature, softcap, logit_scale, False, token_chunk, vocab_chunk)
+    labels = labels.long()
+    scored = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+    compute = lse.dtype
+    grad_hidden = torch.zeros(hidden.shape, dtype=compute, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if weight_grad else None
+    grad_bias = torch.zeros(bias.shape, dtype=compute, device=bias.device) if weight_grad and bias is not None else None
+    V = weight.shape[0]
+    for t0 in range(0, scored.numel(), opts.token_chunk):
+        rows = scored[t0 : t0 + opts.token_chunk]
+        h, y_lab, lse_c = hidden.index_select(0, rows).to(compute), labels[rows], lse[rows, None]
+        g = torch.zeros(rows.numel(), dtype=compute, device=h.device)
+        if grad_logps is not None:
+            g = torch.where((y_lab >= 0) & (y_lab < V), grad_logps[rows].to(compute), float("nan"))
+        if grad_entropy is not None:
+            g_h = grad_entropy[rows].to(compute)[:, None]
+            mean_z = lse_c - entropy[rows, None]  # E_p[z] = lse - entropy
+        dh = torch.zeros_like(h)
+        for v0, v1, w, z, dz_dy in _tiles(h, weight, bias, opts, compute):
+            p = (z - lse_c).clamp(max=0.0).exp()  # z - lse <= 0 but for lse's rounding; NaN kept
+            dz = -g[:, None] * p
+            inside = (y_lab >= v0) & (y_lab < v1)
+            dz[inside, y_lab[inside] - v0] += g[inside]
+            if grad_entropy is not None:
+                dz -= g_h * p * torch.where(p > 0, z - mean_z, 0.0)  # 0 at -inf z, not 0 · -inf
+            dy = dz * dz_dy
+            dh += dy @ w
+            if grad_weight is not None:
+                grad_weight[v0:v1] += dy.T @ h
+            if grad_bias is not None:
+                grad_bias[v0:v1] += dy.sum(0)
+        grad_hidden[rows] = dh
+    return (
+        grad_hidden.to(hidden.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
     )
-    logps, _, stats = _ChunkedLinearTokenLogps.apply(hidden, weight, bias, labels.long(), opts)
-    return logps, (stats if return_stats else None)

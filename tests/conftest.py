@@ -126,3 +126,17 @@ def _interpreter_bf16_dot() -> None:
 if INTERPRET:
     _interpreter_rounds_bf16()
     _interpreter_bf16_dot()
+
+
+def chunked_linear_token_logps(hidden, weight, labels, *, bias=None, return_stats=False, token_chunk=None,
+                               vocab_chunk=None, **transform):  # fmt: skip
+    """chunked.py's torch head through the api's autograd (the fused head of every non-Triton backend), with its
+    tiles shrunk when asked: (logps, stats [4, N] or None)."""
+    from dpo_kernels import chunked
+    from dpo_kernels.api import _linear_logps
+
+    chunks = (token_chunk or chunked.TOKEN_CHUNK, vocab_chunk or chunked.VOCAB_CHUNK)
+    logps, stats = _linear_logps(
+        hidden, weight, bias, labels, "reference", **transform, return_stats=return_stats, chunks=chunks
+    )
+    return logps, (stats if return_stats else None)

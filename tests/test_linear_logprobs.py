@@ -8,10 +8,9 @@ asserts. Interpreter shapes stay tiny (N <= 40, H <= 32, V <= 200); real vocabul
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, GRAD_TOL, assert_out_close
+from conftest import DEVICE, DTYPES, GRAD_TOL, assert_out_close, chunked_linear_token_logps
 
 from dpo_kernels import reference
-from dpo_kernels.chunked import chunked_linear_token_logps
 from dpo_kernels.ops import linear_logprobs as ops
 
 IGNORE = -100

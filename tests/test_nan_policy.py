@@ -22,10 +22,10 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_grad_close, assert_out_close
+from conftest import DTYPES, assert_grad_close, assert_out_close, chunked_linear_token_logps
 
 import dpo_kernels as dk
-from dpo_kernels import chunked, cpu
+from dpo_kernels import cpu
 from dpo_kernels import reference as R
 from dpo_kernels.ops import linear_logprobs as triton_linear
 from dpo_kernels.ops import logprobs as triton_logprobs
@@ -327,7 +327,7 @@ def _launchers_hidden(backend, hidden, labels, g, g_h):
     w = torch.eye(V, dtype=hidden.dtype)
     if backend == "reference":
         h = hidden.clone().requires_grad_(True)
-        logp, st = chunked.chunked_linear_token_logps(h, w, labels, return_stats=True)
+        logp, st = chunked_linear_token_logps(h, w, labels, return_stats=True)
         grads = [
             torch.autograd.grad(outs, h, gs, retain_graph=True)[0]
             for outs, gs in (([logp], [g]), ([logp, st[0]], [g, g_h]), ([st[0]], [g_h]))

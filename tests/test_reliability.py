@@ -425,7 +425,7 @@ def _inputs(fn: str, layout: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fn, layout", [c for c in PUBLIC_CASES if "hidden" not in c[0] and "linear" not in c[0]])
+@pytest.mark.parametrize("fn, layout", PUBLIC_CASES)
 def test_public_functions_compile_fullgraph(backend, fn, layout):
     """torch.compile(fullgraph=True) of every public function, padded and packed: a host read of a tensor (a
     device sync on a GPU) would break the graph and fail here. Same values and gradients as eager."""
