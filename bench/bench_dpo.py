@@ -139,16 +139,18 @@ def run_logits_case(pairs: int, T: int, V: int, device: str, bandwidth: float):
         if isinstance(fn, str):
             print(f"  skip {name}: {fn}")
             continue
-        x = logits.detach().clone() if "inplace" in name else logits
+        # the in-place variant overwrites its input: a fresh non-leaf buffer, as a layer's output would be
+        x = logits.detach().clone().requires_grad_().clone() if "inplace" in name else logits
         x.requires_grad_(True)
-        err_x = logits[small, :128].detach().clone().requires_grad_(True)
+        err_x = logits[small, :128].detach().clone().requires_grad_(True).clone()
         err = abs(fn(err_x, labels[small, :128], rc, rr).item() - ref.loss.item())
 
         def call(fn=fn, x=x):
             return torch.autograd.grad(fn(x, labels, rc, rr), x)
 
         row = _measure(name, call, device, floor_ms, nbytes, 1e9, err)
-        x.requires_grad_(False)
+        if x.is_leaf:  # the in-place variant's buffer is not
+            x.requires_grad_(False)
         if row:
             rows.append(row)
     title = f"DPO step from logits  bf16  B={pairs} pairs  T={T}  V={V}"

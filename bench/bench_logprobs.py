@@ -93,10 +93,8 @@ def _max_err(fn: Callable, logits: torch.Tensor, labels: torch.Tensor) -> float:
     N = len(labels)
     rows = torch.cat([torch.arange(min(128, N)), torch.arange(max(0, N - 128), N)])
     rows = torch.unique(rows).to(logits.device)
-    x, y = (
-        logits[rows].clone().requires_grad_(),
-        labels[rows],
-    )  # (the in-place variant insists on a grad)
+    # a non-leaf with its own storage, as a layer's output: the in-place variant refuses leaves and their views
+    x, y = logits[rows].clone().requires_grad_().clone(), labels[rows]
     out = fn(x, y).detach().double()
     ref = reference.token_logps(x.detach().double(), y, ignore_index=IGNORE)
     return (out - ref).abs().max().item()
@@ -137,8 +135,8 @@ def run_case(
                 continue
             if pass_name == "fwd" and "inplace" in name:
                 continue  # the same forward as dpo_kernels
-            # the in-place variant overwrites its input
-            x = logits.detach().clone() if "inplace" in name else logits
+            # the in-place variant overwrites its input: a fresh non-leaf buffer, as a layer's output would be
+            x = logits.detach().clone().requires_grad_().clone() if "inplace" in name else logits
             if pass_name == "fwd":
 
                 def call(fn=fn, x=x):
@@ -163,7 +161,8 @@ def run_case(
                 print(f"  skip {name} ({pass_name}): {reason}")
                 continue
             finally:
-                x.requires_grad_(False)
+                if x.is_leaf:  # the in-place variant's buffer is not
+                    x.requires_grad_(False)
             gbps = nbytes[pass_name] / (med * 1e-3) / 1e9
             rows.append(H.Row(name, med, p20, p80, gbps, med / floor_ms, extra, errors[name]))
             print(f"  {pass_name:8s} {name:20s} {med:9.3f} ms  {med / floor_ms:5.2f}× floor")

@@ -38,8 +38,8 @@ def test_logprobs_cpu(benchmark, inputs, name, pass_name):
     if pass_name == "fwd" and "inplace" in name:
         pytest.skip("the same forward as dpo_kernels")
     logits, labels, grad = inputs
-    # as bench_logprobs.run_case: the in-place variant overwrites its input, so it gets a copy
-    x = logits.detach().clone() if "inplace" in name else logits
+    # as bench_logprobs.run_case: the in-place variant overwrites its input, so it gets a fresh non-leaf buffer
+    x = logits.detach().clone().requires_grad_().clone() if "inplace" in name else logits
     if pass_name == "fwd":
 
         def call():
@@ -61,4 +61,5 @@ def test_logprobs_cpu(benchmark, inputs, name, pass_name):
             pytest.skip(f"{name} fails on this shape or device: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         benchmark.pedantic(call, rounds=ROUNDS)
     finally:
-        x.requires_grad_(False)
+        if x.is_leaf:  # the in-place variant's buffer is not
+            x.requires_grad_(False)
