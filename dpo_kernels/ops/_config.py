@@ -27,6 +27,7 @@ def logprobs_launch_config(
     - forward, one program per row: 64 bytes of logits per thread per block (four 16-byte loads)
       with the next block in flight, 8 warps: 8192 bf16/fp16 or 4096 fp32 columns, 64 registers,
       four programs per SM. With stats, 32 bytes (80 registers, three programs per SM).
+      A row stride that is not a multiple of 16 elements: see `scalar_load_config`.
     - backward, one program per (row, block), an elementwise kernel: 32 bytes read and 32 written
       per thread, 8 warps: 4096 bf16/fp16 or 2048 fp32 columns, 32-48 registers.
     """
@@ -35,6 +36,17 @@ def logprobs_launch_config(
     block_v = min(triton.next_power_of_2(V), per_thread * 32 * 8)
     num_warps = max(1, min(8, block_v // (per_thread * 32)))
     return block_v, num_warps
+
+
+def scalar_load_config(block_v: int, num_warps: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the log-prob forward for rows whose stride is not a multiple of 16 elements
+    (GPT-2's 50257, V = 1000): the JIT does not specialise it as 16-divisible, so every load is a scalar one,
+    each holding its own predicate and value until the block is reduced. At most one 16-byte piece (VEC
+    columns: 8 bf16/fp16, 4 fp32) per thread per block: more warps (up to 8) first, then a smaller block.
+    With 32-64 bytes per thread sm_80 spilled inside the loop at 255 registers (bench/NOTES.md)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    num_warps = max(num_warps, min(8, block_v // (vec * 32)))
+    return min(block_v, vec * 32 * num_warps), num_warps
 
 
 def segments_launch_config(N: int, S: int) -> tuple[int, int]:
@@ -48,6 +60,6 @@ def segments_launch_config(N: int, S: int) -> tuple[int, int]:
 
 def dpo_launch_config(B: int) -> tuple[int, int]:
     """(BLOCK_B, num_warps) for ops/dpo.py: one program loops over the pairs in BLOCK_B blocks."""
-    block_b = min(max(triton.next_power_of_2(B), 16), 1024)
-    num_warps = 4 if block_b <= 256 else 8
+    block_b = min(max(triton.next_power_of_2(B), 16), 256)
+    num_warps = 4 if block_b <= 128 else 8
     return block_b, num_warps

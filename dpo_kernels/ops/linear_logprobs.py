@@ -425,15 +425,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def linear_launch_config(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> LinearLaunchConfig:
-    """The default tiles for a problem: Hopper-sized (128 x 128 x 64 tiles, 8 warps, 3 stages, to be tuned on a
-    card), shrunk to the problem on small shapes (the interpreter's tests)."""
+    """The default tiles for a problem: 128 tokens x 64 vocabulary columns x 64 (K) for 16-bit inputs, 64 x 64 x 32
+    for fp32, 8 warps, 3 stages (to be tuned on a card), shrunk to the problem on small shapes (the interpreter's
+    tests); spill-free on sm_80 and sm_90 (tests/test_compile.py, bench/NOTES.md)."""
     p2 = lambda x, cap: max(16, min(cap, triton.next_power_of_2(max(x, 1))))  # noqa: E731
     base = LinearLaunchConfig()
     cfg = base._replace(
         block_n=p2(N, base.block_n), block_v=p2(V, base.block_v), block_h=p2(H, base.block_h), block_k=p2(H, 64)
     )
-    if dtype == torch.float32:  # fp32 tiles in shared memory are twice as large
-        cfg = cfg._replace(block_k=min(cfg.block_k, 32))
+    if dtype == torch.float32:  # fp32 tiles in shared memory are twice as large; fp32 dots run on the FMA units
+        # (ieee), whose [BLOCK_N, BLOCK_H] and [BLOCK_N, BLOCK_V] tiles live in registers: 64-token tiles
+        cfg = cfg._replace(block_k=min(cfg.block_k, 32), block_n=min(cfg.block_n, 64), block_h=min(cfg.block_h, 64))
+    # the tile of y and its exp, logits and masks live in registers through the vocabulary loop: at most 32 fp32
+    # values of y per thread (128 x 64 in 16 bits, 64 x 64 in fp32; 128 x 128 spilled at 255 registers)
+    tile = 4096 if dtype == torch.float32 else 8192
+    cfg = cfg._replace(block_v=min(cfg.block_v, max(16, tile // cfg.block_n)))
+    if H % 16:  # rows not 16-divisible: scalar loads, staged in registers; smaller K steps and H tiles, 2 stages
+        cfg = cfg._replace(block_k=min(cfg.block_k, 16), block_h=min(cfg.block_h, 64), num_stages=2)
     return cfg
 
 

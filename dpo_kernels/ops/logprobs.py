@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpo_kernels.ops._config import empty_f32, logprobs_launch_config
+from dpo_kernels.ops._config import empty_f32, logprobs_launch_config, scalar_load_config
 
 LOG2E = math.log2(math.e)
 
@@ -228,6 +228,8 @@ def logprobs_fwd(
     if N == 0:
         return logps, lse, stats
     BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
+    if logits.stride(0) % 16:  # not specialised as 16-divisible: scalar loads
+        BLOCK_V, num_warps = scalar_load_config(BLOCK_V, num_warps, logits.dtype)
     VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
     k = max(V - 1, 1).bit_length()  # 2^k >= V: the mean's sum of x 2^-k never overflows
     _logprobs_fwd_kernel[(N,)](
