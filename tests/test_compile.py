@@ -187,7 +187,7 @@ def _dpo_calls(add):
             sft_count=torch.ones(B, dtype=torch.int64) if sft and n is None else None,
         )
 
-    big = 512  # BLOCK_B 512 with 8 warps; 8 pairs: BLOCK_B 16 with 4
+    big = 512  # BLOCK_B 256 with 8 warps, two blocks; 8 pairs: BLOCK_B 16 with 4
     for name in L.LOSS_TYPES:  # every single loss type
         for B, dtype in ((8, "fp32"), (big, "fp32"), (big, "fp64")):
             call(B, name, dtype=dtype)
