@@ -1,7 +1,8 @@
 # Set-up is part of every target: the first run creates .venv and installs what the target needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On a CPU machine this resolves to the CPU build of torch; override on a GPU machine (TORCH_SPEC=torch).
+# On the CI image this resolves to the CPU build of torch (a local wheel); elsewhere pass the pip arguments that do,
+# e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu", or TORCH_SPEC=torch on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -12,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[train,trl,dev,bench,tensorboard,wandb]"
 	touch $@
 

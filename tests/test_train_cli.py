@@ -191,7 +191,12 @@ DATA_ERRORS = [
     pytest.param("\n\n", "empty file, no pairs", id="blank-lines"),
     pytest.param(json.dumps(ROWS[0]) + "\n\n" + '{"prompt": "a", "chosen": }\n', "line 3: not valid JSON", id="line"),
     pytest.param(json.dumps(ROWS[0]) + "\n[1, 2]\n", "line 2: expected a JSON object, got list", id="not-object"),
-    pytest.param('{"chosen": "same", "rejected": "same"}\n', "row 0: chosen and rejected are the same", id="same"),
+    pytest.param(
+        '{"prompt": "hi", "chosen": "a", \n',
+        "line 1: not valid JSON (Expecting property name enclosed in double quotes at column 33)",
+        id="truncated-column",
+    ),
+    pytest.param('{"chosen": "same", "rejected": "same"}\n', "pair 1: chosen and rejected are the same", id="same"),
 ]
 
 

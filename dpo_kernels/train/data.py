@@ -186,7 +186,7 @@ def _check_json_lines(path: Path) -> None:
                 continue
             rows += 1
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a column past the line's end would read "column 1"
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(row, dict):
@@ -201,9 +201,9 @@ def _check_implicit(ds: datasets.Dataset, path: Path) -> None:
         if not (isinstance(chosen, str) and isinstance(rejected, str)) and not (
             _is_messages(chosen) and _is_messages(rejected)
         ):
-            raise ValueError(f"{path}: row {i}: chosen and rejected must be strings or messages")
+            raise ValueError(f"{path}: pair {i + 1}: chosen and rejected must be strings or messages")
         if chosen == rejected:
-            raise ValueError(f"{path}: row {i}: chosen and rejected are the same (no completion to prefer)")
+            raise ValueError(f"{path}: pair {i + 1}: chosen and rejected are the same (no completion to prefer)")
 
 
 def _load_dir(path: Path) -> datasets.Dataset:
@@ -236,12 +236,12 @@ def _check_row(row: dict, i: int, path: Path) -> None:
     if not standard and not all(_is_messages(row[c]) for c in COLUMNS):
         missing = [c for c in COLUMNS if row[c] is None]
         if missing:
-            raise ValueError(f"{path}: row {i} has no {', '.join(missing)}")
-        raise ValueError(f"{path}: row {i}: prompt, chosen, rejected must be strings or messages")
+            raise ValueError(f"{path}: pair {i + 1} has no {', '.join(missing)}")
+        raise ValueError(f"{path}: pair {i + 1}: prompt, chosen, rejected must be strings or messages")
     for key in ("chosen", "rejected"):
         text = row[key] if standard else "".join(str(m["content"] or "") for m in row[key])
         if not text.strip():
-            raise ValueError(f"{path}: row {i} has an empty {key} completion")
+            raise ValueError(f"{path}: pair {i + 1} has an empty {key} completion")
 
 
 def _render(row: dict, tokenizer) -> tuple[str, str, str]:

@@ -574,7 +574,7 @@ class Signals:
             raise KeyboardInterrupt
         self.received = signum
         name = signal.Signals(signum).name
-        tqdm.write(f"{name}: finishing the step, then saving a checkpoint (SIGINT again to stop at once)")
+        tqdm.write(f"{name}: finishing the step, then saving a checkpoint (a second Ctrl-C stops at once)")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -694,7 +694,7 @@ class Trainer:
             if stop["nonfinite"] and not knobs.skip_nonfinite_steps:
                 self.metrics.flush(phase, step + i, learning_rate=schedule.get_last_lr()[0], grad_norm=float(grad_norm))
                 self.metrics.close()
-                raise StopTraining(self.nonfinite_message(phase, i, loss_value, float(grad_norm)))
+                raise StopTraining(self.nonfinite_message(phase, i, step + i, loss_value, float(grad_norm)))
             if stop["nonfinite"]:
                 self.skipped += 1
                 log.warning(
@@ -726,16 +726,17 @@ class Trainer:
                 name = signal.Signals(signum).name
                 self.metrics.close()
                 raise StopTraining(
-                    f"{name} at {phase} step {i}: saved {self.last_checkpoint}; continue with "
-                    "--resume-from-checkpoint latest (and the same knobs)",
+                    f"{name} at {phase} step {i} (step {step + i} of the run): saved {self.last_checkpoint}; "
+                    "continue with --resume-from-checkpoint latest (and the same knobs)",
                     128 + signum,
                 )
         return step + steps
 
-    def nonfinite_message(self, phase: str, i: int, loss: float, grad_norm: float) -> str:
+    def nonfinite_message(self, phase: str, i: int, run_step: int, loss: float, grad_norm: float) -> str:
         last = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
         return (
             f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at {phase} step {i} "
+            f"(step {run_step} of the run) "
             f"(loss {loss}, grad norm {grad_norm}): stopped before applying it, the final model not saved; {last} "
             "(--save-steps N saves more often; --skip-nonfinite-steps skips such steps instead)"
         )
