@@ -24,7 +24,7 @@ _EXPORTS = {
         ),
         "dpo_kernels.api",
     ),
-    **dict.fromkeys(("DPOOutput", "SequenceLogps", "SequenceStats", "TokenStats"), "dpo_kernels.reference"),
+    **dict.fromkeys(("DPOOutput", "SequenceLogps", "SequenceStats", "TokenStats"), "dpo_kernels.results"),
 }
 _MODULES = ("losses", "reference")
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         sequence_logps,
         token_logps,
     )
-    from dpo_kernels.reference import DPOOutput, SequenceLogps, SequenceStats, TokenStats
+    from dpo_kernels.results import DPOOutput, SequenceLogps, SequenceStats, TokenStats
 
 
 def __getattr__(name: str):

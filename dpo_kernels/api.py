@@ -11,7 +11,7 @@ import torch
 from dpo_kernels import chunked, dispatch
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
-from dpo_kernels.reference import DPOOutput, SequenceLogps, SequenceStats, TokenStats
+from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, SequenceStats, TokenStats
 
 BACKENDS = dispatch.BACKENDS
 
@@ -53,14 +53,13 @@ def _check_inplace(logits: torch.Tensor, backend: str) -> None:
         )
 
 
+_ENTROPY = STATS.index("entropy")  # the one differentiable stats row
+
+
 def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
     """The kernels' [4, N] stats rows as `TokenStats` shaped like the labels; only the entropy keeps its graph."""
-    return TokenStats(
-        entropy=stats[0].view(shape),
-        mean_logit=stats[1].detach().view(shape),
-        is_top1=stats[2].detach().view(shape) > 0.5,
-        log_sum_sq_probs=stats[3].detach().view(shape),
-    )
+    rows = {name: (row if name == "entropy" else row.detach()).view(shape) for name, row in zip(STATS, stats)}
+    return TokenStats(**{**rows, "is_top1": rows["is_top1"] > 0.5})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,14 +163,14 @@ def _token_logps_setup(ctx, inputs, output):
 
 def _token_logps_backward(ctx, grad_logps, _grad_lse, grad_stats):
     logits, labels, lse, stats = ctx.saved_tensors
-    grad_entropy = grad_stats[0] if grad_stats is not None and stats.shape[0] > 0 else None
+    grad_entropy = grad_stats[_ENTROPY] if grad_stats is not None and stats.shape[0] > 0 else None
     args = (
         logits,
         labels,
         lse,
         None if grad_logps is None else grad_logps.float().contiguous(),
         None if grad_entropy is None else grad_entropy.float().contiguous(),
-        None if grad_entropy is None else stats[0],
+        None if grad_entropy is None else stats[_ENTROPY],
     )
     if ctx.inplace_grad:
         _token_logps_bwd_inplace(*args, *ctx.options)
@@ -1053,8 +1052,8 @@ def _linear_backward(ctx, grad_logps, _grad_lse, grad_stats):
         labels,
         lse,
         None if grad_logps is None else grad_logps.to(lse.dtype).contiguous(),
-        grad_stats[0].to(lse.dtype).contiguous() if has_entropy_grad else None,
-        stats[0] if has_entropy_grad else None,
+        grad_stats[_ENTROPY].to(lse.dtype).contiguous() if has_entropy_grad else None,
+        stats[_ENTROPY] if has_entropy_grad else None,
         *ctx.options,
         weight_grad,
         *ctx.autocast,
