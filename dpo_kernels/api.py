@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from dpo_kernels import chunked, dispatch
+from dpo_kernels import checks, chunked, dispatch
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
 from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, SequenceStats, TokenStats
@@ -212,8 +212,8 @@ def token_logps(
     Example:
         >>> lp = dk.token_logps(logits[:, :-1], input_ids[:, 1:].masked_fill(~completion_mask[:, 1:], -100))
     """
-    L.check_logits_labels(logits, labels, ignore_index)
-    temperature = L.check_temperature(temperature)
+    checks.check_logits_labels(logits, labels, ignore_index)
+    temperature = checks.check_temperature(temperature)
     chosen = dispatch.pick(logits, backend)
     if inplace_grad:
         _check_inplace(logits, chosen)
@@ -341,25 +341,8 @@ def sequence_logps(
             token_stats=token_stats,
             ignore_index=ignore_index,
         )
-    # the reference's checks, on the kernel path
-    ld_alpha = L.check_ld_alpha(ld_alpha)
-    if not token_logps.is_floating_point():
-        raise TypeError(f"token_logps must be a floating-point tensor, got {L._describe(token_logps)}")
-    L.check_labels_or_mask(labels_or_mask, ignore_index)
-    if labels_or_mask.shape != token_logps.shape:
-        raise ValueError(
-            f"labels_or_mask shape {tuple(labels_or_mask.shape)} must equal token_logps shape "
-            f"{tuple(token_logps.shape)}"
-        )
-    if cu_seqlens is None and token_logps.ndim != 2:
-        raise ValueError(f"padded token_logps must be 2-D [S, T], got shape {tuple(token_logps.shape)}")
-    if cu_seqlens is not None:
-        if token_logps.ndim != 1:
-            raise ValueError(f"packed token_logps must be 1-D [N], got shape {tuple(token_logps.shape)}")
-        L.check_cu_seqlens(cu_seqlens, token_logps.numel(), token_logps.device)
+    ld_alpha = checks.check_sequences(token_logps, labels_or_mask, cu_seqlens, ignore_index, ld_alpha)
     seq_starts = _seq_starts(token_logps.shape, cu_seqlens, token_logps.device)
-    if ld_alpha is not None:
-        L.check_even_rows(seq_starts.numel() - 1)
     # the kernel reads labels: scored → 0, unscored → −1 (its ignore_index), whatever the caller's ignore_index
     mask = R.scored_mask(labels_or_mask, ignore_index).reshape(-1)
     labels = torch.where(mask, 0, -1).long()
@@ -539,7 +522,7 @@ def dpo_loss(
     if wide or dispatch.pick(pc, backend) != "triton":  # float64 anywhere: the float64 math
         return R.dpo_loss(pc, pr, rc, rr, **options, **extra, sequence_stats=sequence_stats).detached_details()
     config = L.loss_config(**options, use_weighting=wpo_weights is not None)
-    sft_count = L.check_loss_inputs(config, pc, pr, rc, rr, **extra)
+    sft_count = checks.check_loss_inputs(config, pc, pr, rc, rr, **extra)
     B = pc.shape[0]
     lengths = None if chosen_lengths is None or rejected_lengths is None else (chosen_lengths, rejected_lengths)
     # Without a separate sft sum the chosen log-probs are it: autograd adds both gradients into pc.
@@ -591,8 +574,8 @@ def _resolve_reference(ref_chosen_logps, ref_rejected_logps, ref_logits, referen
         return ref[:B], ref[B:]
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {L._describe(value)}")
-        L.check_pair_vector(value, name, B, device)
+            raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(value)}")
+        checks.check_pair_vector(value, name, B, device)
     return ref_chosen_logps.detach(), ref_rejected_logps.detach()
 
 
@@ -808,20 +791,11 @@ def dpo_loss_from_logits(
         >>> out = dk.dpo_loss_from_logits(logits[:, :-1], labels[:, 1:], ref_chosen, ref_rejected, beta=0.1)
         >>> out.loss.backward()
     """
-    L.check_logits_labels(logits, labels, ignore_index)
-    temperature = L.check_temperature(temperature)
-    ld_alpha = L.check_ld_alpha(ld_alpha)
+    checks.check_logits_labels(logits, labels, ignore_index)
+    temperature = checks.check_temperature(temperature)
+    ld_alpha = checks.check_ld_alpha(ld_alpha)
     config = L.loss_config(**loss_options, use_weighting=use_weighting)
-    if cu_seqlens is None and logits.ndim != 3:
-        raise ValueError(
-            f"logits must be padded [2B, T, V], or packed [N, V] with cu_seqlens; got shape {tuple(logits.shape)}"
-        )
-    if cu_seqlens is not None:
-        if logits.ndim != 2:
-            raise ValueError(f"packed logits (with cu_seqlens) must be [N, V], got shape {tuple(logits.shape)}")
-        L.check_cu_seqlens(cu_seqlens, logits.shape[0], logits.device)
-    S = logits.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    B = L.check_even_rows(S)
+    B = checks.check_even_rows(checks.check_layout(logits, cu_seqlens, "logits", "V"))
     if ref_logits is not None and ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
     chosen = dispatch.pick(logits, backend)
@@ -910,19 +884,19 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     """Shapes, dtypes, devices and the transform's scalars; labels in range (one host read, as for the logits)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {L._describe(t)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(t)}")
     if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
     if hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden must have shape [..., H] with H = {weight.shape[1]}, got {tuple(hidden.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
-        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {L._describe(bias)}")
+        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {checks._describe(bias)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     # the label checks of the logits path, on a [..., V] stand-in that costs no memory
     stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
-    L.check_logits_labels(stand_in, labels, ignore_index, name="hidden @ weightᵀ")
+    checks.check_logits_labels(stand_in, labels, ignore_index, name="hidden @ weightᵀ")
     if softcap is not None:
         softcap = float(softcap)
         if not (softcap > 0 and math.isfinite(softcap)):
@@ -1142,7 +1116,7 @@ def linear_token_logps(
     """
     weight, bias = _full_tensor(weight), _full_tensor(bias)
     softcap, logit_scale = _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale)
-    temperature = L.check_temperature(temperature)
+    temperature = checks.check_temperature(temperature)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     H = hidden.shape[-1]
@@ -1216,16 +1190,8 @@ def dpo_loss_from_hidden(
         >>> out.loss.backward()
     """
     config = L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
-    ld_alpha = L.check_ld_alpha(ld_alpha)
-    if cu_seqlens is None and hidden.ndim != 3:
-        raise ValueError(
-            f"hidden must be padded [2B, T, H], or packed [N, H] with cu_seqlens; got shape {tuple(hidden.shape)}"
-        )
-    if cu_seqlens is not None:
-        if hidden.ndim != 2:
-            raise ValueError(f"packed hidden (with cu_seqlens) must be [N, H], got shape {tuple(hidden.shape)}")
-        L.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-    B = L.check_even_rows(hidden.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
+    ld_alpha = checks.check_ld_alpha(ld_alpha)
+    B = checks.check_even_rows(checks.check_layout(hidden, cu_seqlens, "hidden", "H"))
     if ref_hidden is not None and ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
@@ -1285,10 +1251,10 @@ class DPOLoss(torch.nn.Module):
         super().__init__()
         L.loss_config(**loss_options, use_weighting=use_weighting)  # fail at construction, not at the first step
         self.options = dict(
-            ld_alpha=L.check_ld_alpha(ld_alpha),
+            ld_alpha=checks.check_ld_alpha(ld_alpha),
             use_weighting=use_weighting,
             ignore_index=ignore_index,
-            temperature=L.check_temperature(temperature),
+            temperature=checks.check_temperature(temperature),
             return_stats=return_stats,
             inplace_grad=inplace_grad,
             backend=backend,

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from dpo_kernels import checks
 from dpo_kernels import losses as L
 from dpo_kernels.results import DPOOutput, SequenceLogps, SequenceStats, TokenStats
 
@@ -44,8 +45,8 @@ def token_logps(
     p = 0 (zero gradient through the entropy too). Everything is relative to the row's maximum, so any finite
     logits / temperature give the right value.
     """
-    L.check_logits_labels(logits, labels, ignore_index)
-    temperature = L.check_temperature(temperature)
+    checks.check_logits_labels(logits, labels, ignore_index)
+    temperature = checks.check_temperature(temperature)
     labels = labels.long()  # gather needs int64
     dtype = _out_dtype(logits.dtype)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
@@ -128,29 +129,9 @@ def sequence_logps(
     sequence weighs 1 if k ≤ min(n_s, n_pair), else `ld_alpha`. Sums are float64 (an unscored token's value, NaN
     or inf included, never reaches them).
     """
-    ld_alpha = L.check_ld_alpha(ld_alpha)
-    if not isinstance(token_logps, torch.Tensor) or not token_logps.is_floating_point():
-        raise TypeError(f"token_logps must be a floating-point tensor, got {L._describe(token_logps)}")
-    if labels_or_mask.shape != token_logps.shape:
-        raise ValueError(
-            f"labels_or_mask shape {tuple(labels_or_mask.shape)} must equal token_logps shape "
-            f"{tuple(token_logps.shape)}"
-        )
-    if cu_seqlens is None:
-        if token_logps.ndim != 2:
-            raise ValueError(
-                f"padded token_logps must be 2-D [S, T] (or pass cu_seqlens for packed rows), "
-                f"got shape {tuple(token_logps.shape)}"
-            )
-    else:
-        if token_logps.ndim != 1:
-            raise ValueError(f"packed token_logps must be 1-D [N], got shape {tuple(token_logps.shape)}")
-        L.check_cu_seqlens(cu_seqlens, token_logps.numel(), token_logps.device)
+    ld_alpha = checks.check_sequences(token_logps, labels_or_mask, cu_seqlens, ignore_index, ld_alpha)
     device = token_logps.device
     seg, S = _segment_ids(token_logps.shape, cu_seqlens, device)
-    if ld_alpha is not None:
-        L.check_even_rows(S)
-    L.check_labels_or_mask(labels_or_mask, ignore_index)
     mask = scored_mask(labels_or_mask, ignore_index).reshape(-1)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     lp = torch.where(mask, token_logps.reshape(-1).to(torch.float64), zero)
@@ -259,7 +240,7 @@ def _pair_losses(name: str, v: dict, config: L.LossConfig) -> torch.Tensor:
 
 def stats_metrics(stats: SequenceStats) -> dict[str, torch.Tensor]:
     """TRL's token-weighted metrics (logits/*, entropy, mean_token_accuracy) from per-sequence sums [2B]."""
-    B = L.check_even_rows(stats.n_tokens.shape[0])
+    B = checks.check_even_rows(stats.n_tokens.shape[0])
     n = stats.n_tokens.to(stats.entropy.dtype)
 
     def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -310,7 +291,7 @@ def dpo_loss(
         ref_chosen_logps,
         ref_rejected_logps,
     )
-    sft_count = L.check_loss_inputs(
+    sft_count = checks.check_loss_inputs(
         config,
         pc,
         pr,
@@ -397,7 +378,7 @@ def dpo_loss_from_logits(
     if given[0] != given[1] or given[0] + (ref_logits is not None) + bool(reference_free) != 1:
         raise ValueError("give the reference exactly one way: both ref log-probs, ref_logits or reference_free=True")
     seq = sequences(logits, return_stats or use_weighting)
-    B = L.check_even_rows(seq.logps.shape[0])
+    B = checks.check_even_rows(seq.logps.shape[0])
     if reference_free:
         rc = rr = torch.zeros(B, dtype=seq.logps.dtype, device=seq.logps.device)
     elif ref_logits is not None:
@@ -421,7 +402,7 @@ def dpo_loss_from_sequences(
     """The per-sequence end of the from-logits and from-hidden math: the policy's sequence sums [2B] (chosen first)
     and the reference's [B] → `dpo_loss`, with the token counts as lengths, the plain chosen sums for sft, WPO
     weights and the stats metrics."""
-    B = L.check_even_rows(seq.logps.shape[0])
+    B = checks.check_even_rows(seq.logps.shape[0])
     return dpo_loss(
         seq.logps[:B],
         seq.logps[B:],

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import assert_out_close
 
 import dpo_kernels as dk
+from dpo_kernels import checks
 from dpo_kernels import losses as L
 
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
@@ -459,7 +460,7 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_no_host_read_off_the_cpu(backend, fn, layout, monkeypatch):
     """With the value checks that only CPU tensors get turned off (as for CUDA tensors), a call and its backward
     read nothing back to the host."""
-    monkeypatch.setattr(L, "_host_checks", lambda t: False)
+    monkeypatch.setattr(checks, "_host_checks", lambda t: False)
     x, labels, cu, weight = _inputs(fn, layout)
     x.requires_grad_()
     dk.token_logps(x[..., :1], torch.zeros(x.shape[:-1], dtype=torch.long))  # builds the native backend first

@@ -48,7 +48,7 @@ from transformers import ProcessorMixin
 from trl.models.utils import disable_gradient_checkpointing
 
 import dpo_kernels as dk
-from dpo_kernels import dispatch
+from dpo_kernels import checks, dispatch
 from dpo_kernels import losses as L
 
 if Version(trl.__version__) < Version("1.16.0"):
@@ -101,7 +101,7 @@ def _check_args(args) -> None:
             )
     try:
         L.loss_config(**_loss_options(args), use_weighting=args.use_weighting)
-        L.check_ld_alpha(args.ld_alpha)
+        checks.check_ld_alpha(args.ld_alpha)
     except ValueError as e:
         raise ValueError(f"dpo_kernels.integrations.trl.DPOTrainer: invalid DPOConfig loss options: {e}") from e
 

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 import dpo_kernels as dk
 from dpo_kernels.api import BACKENDS
-from dpo_kernels.losses import check_ld_alpha, loss_config
+from dpo_kernels.checks import check_ld_alpha
+from dpo_kernels.losses import loss_config
 from dpo_kernels.train import checkpoint
 from dpo_kernels.train.data import (
     BUNDLED_TEST,
