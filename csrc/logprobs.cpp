@@ -8,6 +8,9 @@
 // max and sums of exp (fp32 within a chunk, fp64 across chunks). The backward reads each row once more and writes
 // the gradient (into the logits themselves when asked). Rows are split over threads with at::parallel_for; the
 // inner loops are `omp simd` loops built for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// The logits are [R, T, V] with any batch and row strides (unit vocab stride), or [N, V] (R = N, T = 1): row n is
+// (n / T, n % T), read where it is, so logits[:, :-1] costs no copy. Labels and every [N] output are flat over the
+// N = R·T rows; the gradient has the logits' shape (a new contiguous tensor, or the strided logits in place).
 //
 // NaN policy (the same on every backend, README "Numerics"): an ignored row is not read and gives 0 everywhere and a
 // zero gradient row. A NaN or +inf logit, a row of −inf only, or a label outside [0, V) gives NaN log-prob, lse,
@@ -28,6 +31,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -121,13 +126,20 @@ DPO_INLINE float fast_exp(float x) {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 
+// Row n of the logits is (n / T, n % T) of an [R, T, V] tensor with any batch and row strides (T = 1 for [N, V]).
+struct RowLayout {
+  int64_t stride_b, stride_t, T;
+  DPO_INLINE int64_t offset(int64_t row) const { return (row / T) * stride_b + (row % T) * stride_t; }
+};
+
 struct FwdArgs {
-  const void* logits;    // [N, V], unit stride on V
-  const int64_t* labels;  // [N]
+  const void* logits;    // [R, T, V] or [N, V], unit stride on V
+  const int64_t* labels;  // [N], N = R·T
   float* logps;           // [N]
   float* lse;             // [N]
   float* stats;           // [4, N] (entropy, mean_logit, is_top1, log_sum_sq_probs) or nullptr
-  int64_t stride_logits_row, N, V, ignore_index;
+  RowLayout logits_rows;
+  int64_t N, V, ignore_index;
   float inv_temperature;
 };
 
@@ -152,7 +164,7 @@ DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
     write(0.f, 0.f, 0.f, 0.f, 0.f, 0.f);
     return;
   }
-  const T* x_row = static_cast<const T*>(a.logits) + row * a.stride_logits_row;  // int64: N·V passes 2^31
+  const T* x_row = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);  // int64: N·V passes 2^31
   const float inv_t = a.inv_temperature;
 
   float m = -INF;
@@ -234,14 +246,15 @@ DPO_ISA_CLONES void fwd_rows_bf16(const FwdArgs& a, int64_t begin, int64_t end) 
 // Backward
 
 struct BwdArgs {
-  const void* logits;        // [N, V], unit stride on V
-  void* dlogits;             // [N, V], unit stride on V; may be the logits themselves (in place)
+  const void* logits;        // [R, T, V] or [N, V], unit stride on V
+  void* dlogits;             // the logits' shape, unit stride on V; may be the logits themselves (in place)
   const int64_t* labels;     // [N]
   const float* lse;          // [N]
   const float* grad_logps;   // [N] or nullptr
   const float* grad_entropy;  // [N] or nullptr (then entropy is not read)
   const float* entropy;      // [N] or nullptr
-  int64_t stride_logits_row, stride_dlogits_row, N, V, ignore_index;
+  RowLayout logits_rows, dlogits_rows;
+  int64_t N, V, ignore_index;
   float inv_temperature;
 };
 
@@ -259,8 +272,8 @@ template <typename T>
 DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
   const int64_t V = a.V;
   const int64_t label = a.labels[row];
-  const T* src = static_cast<const T*>(a.logits) + row * a.stride_logits_row;
-  T* dst = static_cast<T*>(a.dlogits) + row * a.stride_dlogits_row;
+  const T* src = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);
+  T* dst = static_cast<T*>(a.dlogits) + a.dlogits_rows.offset(row);
   if (label == a.ignore_index || !(label >= 0 && label < V)) {  // ignored: zeros; bad label: NaN, as forward
     const T fill = from_f32<T>(label == a.ignore_index ? 0.f : NAN_F);
 #pragma omp simd
@@ -304,16 +317,30 @@ DPO_ISA_CLONES void bwd_rows_bf16(const BwdArgs& a, int64_t begin, int64_t end) 
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers: checks of the launcher contract (the public API validates user input before this), outputs, threads.
 
+// The rows of [R, T, V] logits (any batch and row strides) or of [N, V] logits (R = N, T = 1).
+RowLayout row_layout(const at::Tensor& t) {
+  if (t.dim() == 2) return RowLayout{t.stride(0), 0, 1};
+  return RowLayout{t.stride(0), t.stride(1), std::max<int64_t>(t.size(1), 1)};
+}
+
+int64_t num_rows(const at::Tensor& logits) {
+  return logits.dim() == 2 ? logits.size(0) : logits.size(0) * logits.size(1);
+}
+
 void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "dpo_kernels CPU ops need CPU tensors");
-  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "logits must be [R, T, V] or [N, V], got ", logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "logits must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(logits.size(1) >= 1, "logits must have V >= 1");
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, "logits need unit stride on the vocabulary");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "labels must be [N] with N = ",
-              logits.size(0), ", got ", labels.sizes());
+  TORCH_CHECK(logits.size(-1) >= 1, "logits must have V >= 1");
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1, "logits need unit stride on the vocabulary");
+  const int64_t N = num_rows(logits);
+  const bool flat = labels.dim() == 1 && labels.size(0) == N;
+  const bool shaped = logits.dim() == 3 && labels.dim() == 2 && labels.size(0) == logits.size(0) &&
+                      labels.size(1) == logits.size(1);
+  TORCH_CHECK(flat || shaped, "labels must be [N] with N = ", N, " (or [R, T] for [R, T, V] logits), got ",
+              labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0");
 }
@@ -343,6 +370,21 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// True when two elements of `t` share memory: with the dimensions sorted by stride, each stride must step over
+// everything the smaller strides span (dimensions of size 1 aside).
+bool overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
 template <typename Args>
 void run_rows(const at::Tensor& logits, const Args& args, void (*f32)(const Args&, int64_t, int64_t),
               void (*f16)(const Args&, int64_t, int64_t), void (*bf16)(const Args&, int64_t, int64_t)) {
@@ -357,13 +399,13 @@ void bwd_into(const at::Tensor& logits, const at::Tensor& dlogits, const at::Ten
               const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
               const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature) {
   check_logits_labels(logits, labels, temperature);
-  const int64_t N = logits.size(0);
+  const int64_t N = num_rows(logits);
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy needs the forward's entropy");
   auto lse_c = row_vector(lse, N, "lse").value();
   auto g = row_vector(grad_logps, N, "grad_logps");
   auto g_h = row_vector(grad_entropy, N, "grad_entropy");
   auto h = g_h.has_value() ? row_vector(entropy, N, "entropy") : std::nullopt;
-  auto labels_c = labels.contiguous();
+  auto labels_c = labels.reshape({-1}).contiguous();
   if (N == 0) return;
   BwdArgs args{logits.data_ptr(),
                dlogits.data_ptr(),
@@ -372,10 +414,10 @@ void bwd_into(const at::Tensor& logits, const at::Tensor& dlogits, const at::Ten
                g.has_value() ? g->const_data_ptr<float>() : nullptr,
                g_h.has_value() ? g_h->const_data_ptr<float>() : nullptr,
                h.has_value() ? h->const_data_ptr<float>() : nullptr,
-               logits.stride(0),
-               dlogits.stride(0),
+               row_layout(logits),
+               row_layout(dlogits),
                N,
-               logits.size(1),
+               logits.size(-1),
                ignore_index,
                static_cast<float>(1.0 / temperature)};
   run_rows<BwdArgs>(logits, args, bwd_rows_f32, bwd_rows_f16, bwd_rows_bf16);
@@ -387,21 +429,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
                                                                  int64_t ignore_index, double temperature,
                                                                  bool return_stats) {
   check_logits_labels(logits, labels, temperature);
-  const int64_t N = logits.size(0);
+  const int64_t N = num_rows(logits);
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logps = at::empty({N}, f32);
   at::Tensor lse = at::empty({N}, f32);
   at::Tensor stats = at::empty({return_stats ? 4 : 0, N}, f32);
-  auto labels_c = labels.contiguous();
+  auto labels_c = labels.reshape({-1}).contiguous();
   if (N == 0) return {logps, lse, stats};
   FwdArgs args{logits.const_data_ptr(),
                labels_c.const_data_ptr<int64_t>(),
                logps.data_ptr<float>(),
                lse.data_ptr<float>(),
                return_stats ? stats.data_ptr<float>() : nullptr,
-               logits.stride(0),
+               row_layout(logits),
                N,
-               logits.size(1),
+               logits.size(-1),
                ignore_index,
                static_cast<float>(1.0 / temperature)};
   run_rows<FwdArgs>(logits, args, fwd_rows_f32, fwd_rows_f16, fwd_rows_bf16);
@@ -423,8 +465,7 @@ void logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& labels
                               const std::optional<at::Tensor>& grad_entropy,
                               const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature) {
   // rows written in parallel must not share memory (an expanded tensor would)
-  TORCH_CHECK(logits.dim() != 2 || logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
-              "in-place backward needs non-overlapping logits rows");
+  TORCH_CHECK(!overlapping(logits), "in-place backward needs logits whose elements do not share memory");
   bwd_into(logits, logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature);
 }
 

@@ -23,11 +23,12 @@ void logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& labels
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY(dpo_kernels, m) {
+  // logits [R, T, V] (any batch and row strides) or [N, V], unit vocab stride; labels [N] (N = R·T) or [R, T]
   // -> (logps [N], lse [N], stats [4, N] with return_stats else [0, N]), all fp32
   m.def(
       "logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, bool return_stats)"
       " -> (Tensor, Tensor, Tensor)");
-  // -> dlogits [N, V] in the logits' dtype
+  // -> dlogits shaped like the logits (contiguous) in the logits' dtype
   m.def(
       "logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor? grad_logps, Tensor? grad_entropy,"
       " Tensor? entropy, int ignore_index, float temperature) -> Tensor");

@@ -161,7 +161,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dpo_kernels::logprobs_fwd")
     def _(logits, labels, ignore_index, temperature, return_stats):
-        N = logits.shape[0]
+        N = labels.numel()
         logps = logits.new_empty((N,), dtype=torch.float32)
         lse = logits.new_empty((N,), dtype=torch.float32)
         stats = logits.new_empty((4 if return_stats else 0, N), dtype=torch.float32)
@@ -189,8 +189,10 @@ def logprobs_fwd(
     """Per-token log-probs of `labels` under softmax(logits / temperature), as ops/logprobs.py.
 
     Args:
-        logits: [N, V] float32/bfloat16/float16 on the CPU, unit stride on V, any row stride.
-        labels: [N] of any integer dtype; rows equal to `ignore_index` are not read.
+        logits: [R, T, V] or [N, V] float32/bfloat16/float16 on the CPU, unit stride on V, any batch and row
+            strides: row n = (n // T, n % T) is read where it is (logits[:, :-1] costs no copy).
+        labels: [N] (N = R·T, row-major) or [R, T] of any integer dtype; rows equal to `ignore_index` are not
+            read.
     Returns:
         (logps, lse, stats): fp32 [N], [N] and, with `return_stats`, [4, N] (entropy, mean_logit,
         is_top1 as 1.0 / 0.0, log Σ p²) else None. Ignored rows give 0 everywhere; a label outside
@@ -219,13 +221,14 @@ def logprobs_bwd(
     """d/dlogits of the log-probs, plus the entropy's with `grad_entropy` and forward `entropy`.
 
     dx_v = [g (1[v = y] − p_v) − g_H p_v (x_v − (lse − H))] / T, x = logits / T, p = exp(x − lse),
-    in the logits' dtype; zero rows where ignored, NaN rows where the forward's outputs are NaN. With
-    `inplace=True` the gradient overwrites the logits (rows must not overlap), which are returned.
+    in the logits' dtype and shape (logits and labels as in `logprobs_fwd`; a new contiguous tensor); zero rows
+    where ignored, NaN rows where the forward's outputs are NaN. With `inplace=True` the gradient overwrites the
+    logits (strided as they are; elements must not overlap), which are returned.
     """
     labels = labels.to(torch.int64)
     if not available():
         dx = _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature)
-        return logits.copy_(dx) if inplace else dx
+        return logits.copy_(dx) if inplace else dx.contiguous()
     grads = (lse, grad_logps, grad_entropy, entropy)
     options = (int(ignore_index), float(temperature))
     if inplace:
@@ -243,6 +246,7 @@ def _bad_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -
 
 
 def _reference_fwd(logits, labels, ignore_index, temperature, return_stats):
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)  # [N, V] and [N] (a copy at worst)
     bad = _bad_labels(logits, labels, ignore_index)
     safe = labels.masked_fill(bad, ignore_index)
     options = dict(ignore_index=ignore_index, temperature=temperature)
@@ -258,6 +262,9 @@ def _reference_fwd(logits, labels, ignore_index, temperature, return_stats):
 
 
 def _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature):
+    """The gradient shaped like the logits."""
+    shape = logits.shape
+    logits, labels = logits.reshape(-1, shape[-1]), labels.reshape(-1)
     bad = _bad_labels(logits, labels, ignore_index)
     safe = labels.masked_fill(bad, ignore_index)
     options = dict(ignore_index=ignore_index, temperature=temperature)
@@ -270,4 +277,4 @@ def _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, tempe
         if pairs:
             outputs, grads = zip(*pairs)
             (dx,) = torch.autograd.grad(outputs, x, grads)
-    return dx.masked_fill(bad.unsqueeze(-1), float("nan")).to(logits.dtype)
+    return dx.masked_fill(bad.unsqueeze(-1), float("nan")).to(logits.dtype).view(shape)

@@ -9,6 +9,10 @@ p_v = exp(z_v - lse):
     is_top1  = 1 if y is the first argmax of z (z_y >= max and > every earlier z, TRL), else 0
     log_sum_sq_probs = log sum_v p_v^2
 
+Layout: the logits are [R, T, V] with any batch and row strides (unit vocab stride), or [N, V] (R = N, T = 1);
+row n = (n // T, n % T) is read where it is (int64 offsets), so logits[:, :-1] costs no copy. Labels and every
+[N] output are flat over the N = R·T rows; the gradient has the logits' shape.
+
 Forward: one program per row, one pass in BLOCK_V chunks. Every 16-byte piece of a chunk (VEC
 columns) belongs to one thread, which keeps a running max m of the logits x and sums of 2^t over the
 columns of its pieces, t = (x/2 - m/2) * 2 log2(e) / T <= 0 (one FMA and one multiply per logit; the
@@ -61,8 +65,8 @@ LOG2E = math.log2(math.e)
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logps_ptr, lse_ptr, stats_ptr,  # pointers; stats [4, N]
-    stride_logits_row,  # strides
-    N, V, ignore_index, inv_temperature, two_log2e_over_t, mean_scale, mean_unscale,  # sizes and scalars
+    stride_logits_b, stride_logits_t,  # strides
+    N, T, V, ignore_index, inv_temperature, two_log2e_over_t, mean_scale, mean_unscale,  # sizes and scalars
     RETURN_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
@@ -72,6 +76,7 @@ def _logprobs_fwd_kernel(
     # piece's running max and sums stay in its thread: the loop never communicates between threads.
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16384 x 128256
     label = tl.load(labels_ptr + row)
+    r = row // T  # row = (r, t) of the [R, T, V] logits, read where they are (T = 1 for [N, V] logits)
     if label == ignore_index:
         tl.store(logps_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
@@ -79,7 +84,7 @@ def _logprobs_fwd_kernel(
             for k in tl.static_range(4):
                 tl.store(stats_ptr + k * N + row, 0.0)
     else:
-        row_ptr = logits_ptr + row * stride_logits_row
+        row_ptr = logits_ptr + r * stride_logits_b + (row - r * T) * stride_logits_t
         in_range = (label >= 0) & (label < V)
         x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
         offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
@@ -156,8 +161,8 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, grad_logps_ptr, grad_entropy_ptr, entropy_ptr,  # pointers
     dlogits_ptr,
-    stride_logits_row, stride_dlogits_row,  # strides
-    V, NUM_BLOCKS, ignore_index, inv_temperature,  # sizes and scalars
+    stride_logits_b, stride_logits_t, stride_dlogits_b, stride_dlogits_t,  # strides
+    T, V, NUM_BLOCKS, ignore_index, inv_temperature,  # sizes and scalars
     HAS_GRAD_LOGPS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -168,12 +173,14 @@ def _logprobs_bwd_kernel(
     row = pid // NUM_BLOCKS
     cols = (pid - row * NUM_BLOCKS).to(tl.int32) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
-    dx_ptrs = dlogits_ptr + row * stride_dlogits_row + cols
+    r = row // T  # row = (r, pos) of the [R, T, V] logits and gradient (T = 1 for [N, V])
+    pos = row - r * T
+    dx_ptrs = dlogits_ptr + r * stride_dlogits_b + pos * stride_dlogits_t + cols
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
         tl.store(dx_ptrs, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty), mask=mask)
     else:
-        x_ptrs = logits_ptr + row * stride_logits_row + cols
+        x_ptrs = logits_ptr + r * stride_logits_b + pos * stride_logits_t + cols
         x = tl.load(x_ptrs, mask=mask, other=-float("inf")).to(tl.float32)
         # A bad label is a NaN row (the forward's lse is NaN there too, as for the rows of NaN or +inf)
         lse = tl.where((label >= 0) & (label < V), tl.load(lse_ptr + row), float("nan"))
@@ -193,16 +200,22 @@ def _logprobs_bwd_kernel(
         tl.store(dx_ptrs, dx.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    assert logits.ndim == 2 and logits.stride(1) == 1, "ops expect [N, V] logits, unit vocab stride"
-    assert labels.shape == logits.shape[:1], "ops expect labels [N]"
-    return logits.shape
+def _layout(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, tuple[int, int]]:
+    """(N, T, V, (stride_b, stride_t)) of [R, T, V] or [N, V] logits: row n = (n // T, n % T) starts at
+    (n // T) stride_b + (n % T) stride_t. [N, V] is R = N, T = 1 (the JIT specialises T = 1 away). A stride of a
+    size-1 dimension is never used: passed as 0, so it cannot cost the 16-divisibility of the addresses."""
+    assert logits.ndim in (2, 3) and logits.stride(-1) == 1, "ops expect [R, T, V] or [N, V] logits, unit vocab stride"
+    R, T, V = logits.shape if logits.ndim == 3 else (logits.shape[0], 1, logits.shape[1])
+    stride_b = logits.stride(0) if R > 1 else 0
+    stride_t = logits.stride(1) if logits.ndim == 3 and T > 1 else 0
+    assert labels.numel() == R * T and labels.shape in ((R * T,), logits.shape[:-1]), "ops expect labels [N] or [R, T]"
+    return R * T, T, V, (stride_b, stride_t)
 
 
 def _int64(labels: torch.Tensor) -> torch.Tensor:
     """Labels of any integer dtype as contiguous int64 (a copy of N values unless they already are), so that
     the kernels compare them with ignore_index and V in one integer type."""
-    return labels.to(torch.int64).contiguous()
+    return labels.to(torch.int64).reshape(-1).contiguous()
 
 
 def logprobs_fwd(
@@ -213,14 +226,14 @@ def logprobs_fwd(
     temperature: float = 1.0,
     return_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits [N, V] (unit vocab stride, any row stride), labels [N] of any integer dtype → (logps,
-    lse, stats).
+    """logits [R, T, V] or [N, V] (unit vocab stride, any other strides: logits[:, :-1] is read in place), labels
+    [N] (N = R·T, row-major) or [R, T] of any integer dtype → (logps, lse, stats), all over the N rows.
 
     All fp32. logps [N], lse [N]; stats [4, N] (None unless return_stats): entropy, mean logit,
     is_top1 (1.0 / 0.0), log sum_v p_v^2. All on logits / temperature. 0 everywhere at ignored rows;
     NaN (is_top1 0) at NaN rows and labels outside [0, V) (the module docstring's policy).
     """
-    N, V = _check_rows(logits, labels)
+    N, T, V, strides = _layout(logits, labels)
     labels = _int64(labels)
     logps = empty_f32(N, device=logits.device)
     lse = empty_f32(N, device=logits.device)
@@ -228,14 +241,14 @@ def logprobs_fwd(
     if N == 0:
         return logps, lse, stats
     BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
-    if logits.stride(0) % 16:  # not specialised as 16-divisible: scalar loads
+    if any(s % 16 for s in strides):  # not specialised as 16-divisible: scalar loads
         BLOCK_V, num_warps = scalar_load_config(BLOCK_V, num_warps, logits.dtype)
     VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
     k = max(V - 1, 1).bit_length()  # 2^k >= V: the mean's sum of x 2^-k never overflows
     _logprobs_fwd_kernel[(N,)](
         logits, labels, logps, lse, stats if return_stats else logps,
-        logits.stride(0),
-        N, V, ignore_index, 1.0 / temperature, 2.0 * LOG2E / temperature, 2.0**-k, 2.0**k / V,
+        *strides,
+        N, T, V, ignore_index, 1.0 / temperature, 2.0 * LOG2E / temperature, 2.0**-k, 2.0**k / V,
         RETURN_STATS=return_stats, BLOCK_V=BLOCK_V, VEC=VEC, num_warps=num_warps,
     )  # fmt: skip
     return logps, lse, stats
@@ -255,23 +268,25 @@ def logprobs_bwd(
 ) -> torch.Tensor:
     """d(sum_i grad_logps[i] logp[i] + grad_entropy[i] entropy[i]) / d logits, in the logits' dtype.
 
-    lse (and entropy, with grad_entropy) are the forward's fp32 [N] outputs. Returns dlogits [N, V]
-    with zero rows at ignored labels; with inplace=True it is written into the logits' own storage
-    (same strides) and the logits are returned.
+    logits and labels as in `logprobs_fwd` ([R, T, V] with any batch and row strides, or [N, V]); lse (and
+    entropy, with grad_entropy) are the forward's fp32 [N] outputs. Returns dlogits shaped like the logits
+    (a new contiguous tensor) with zero rows at ignored labels; with inplace=True it is written into the
+    logits' own storage (same strides, nothing outside the view touched) and the logits are returned.
     """
-    N, V = _check_rows(logits, labels)
+    N, T, V, strides = _layout(logits, labels)
     labels = _int64(labels)
     assert grad_entropy is None or entropy is not None, "grad_entropy needs the forward's entropy"
     if inplace:
         dlogits = logits
     elif os.environ.get("DPO_KERNELS_POISON") == "1":  # as empty_f32: unwritten entries show
-        dlogits = torch.full((N, V), float("nan"), dtype=logits.dtype, device=logits.device)
+        dlogits = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
     else:
-        dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N == 0:
         return dlogits
     BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, backward=True)
     num_blocks = triton.cdiv(V, BLOCK_V)
+    d_strides = strides if inplace else _layout(dlogits, labels)[3]
     # Absent inputs pass lse as a placeholder pointer: the kernel never reads it (HAS_* False).
     _logprobs_bwd_kernel[(N * num_blocks,)](
         logits, labels, lse,
@@ -279,8 +294,8 @@ def logprobs_bwd(
         lse if grad_entropy is None else grad_entropy.contiguous(),
         lse if entropy is None else entropy.contiguous(),
         dlogits,
-        logits.stride(0), dlogits.stride(0),
-        V, num_blocks, ignore_index, 1.0 / temperature,
+        *strides, *d_strides,
+        T, V, num_blocks, ignore_index, 1.0 / temperature,
         HAS_GRAD_LOGPS=grad_logps is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_V=BLOCK_V, num_warps=num_warps,
     )  # fmt: skip
