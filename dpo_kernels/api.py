@@ -17,10 +17,14 @@ BACKENDS = dispatch.BACKENDS
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] → [N, V] with unit vocab stride: a view when the rows are evenly strided, else a copy (e.g. the
-    rows of logits[:, :-1] are not)."""
+    """[..., V] → the launchers' [R, T, V] or [N, V] with unit vocab stride, without a copy for [R, T, V] logits of
+    any batch and row strides (logits[:, :-1] included); more leading dims are merged (a view when they can be)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if logits.ndim in (2, 3):
+        return logits
+    if logits.ndim > 3:
+        return logits.reshape(-1, *logits.shape[-2:])
     return logits.reshape(-1, logits.shape[-1])
 
 
@@ -84,12 +88,12 @@ def _token_logps_fwd(
     logps, lse, stats = dispatch.token_kernels(backend).logprobs_fwd(
         logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
     )
-    return logps, lse, logps.new_empty(0, logits.shape[0]) if stats is None else stats
+    return logps, lse, logps.new_empty(0, logps.shape[0]) if stats is None else stats
 
 
 @_token_logps_fwd.register_fake
 def _(logits, labels, backend, ignore_index, temperature, return_stats, inplace_grad):
-    N = logits.shape[0]
+    N = labels.numel()
     f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return f32(N), f32(N), f32(4 if return_stats else 0, N)
 
@@ -120,7 +124,7 @@ def _token_logps_bwd(
 
 @_token_logps_bwd.register_fake
 def _(logits, labels, lse, grad_logps, grad_entropy, entropy, backend, ignore_index, temperature):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as the launchers return it
 
 
 @torch.library.custom_op("dpo_kernels::token_logps_bwd_", mutates_args=("logits",))
@@ -707,7 +711,7 @@ def _dpo_from_logits_fwd(
 @_dpo_from_logits_fwd.register_fake
 def _(logits, labels, seq_starts, rc, rr, ignore_index, temperature, ld_alpha, use_weighting, with_stats, _inplace,
       loss_codes, *_):  # fmt: skip
-    N, S = logits.shape[0], seq_starts.shape[0] - 1
+    N, S = labels.numel(), seq_starts.shape[0] - 1
     f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
     sums = logits.new_empty(6 if with_stats else 2, S, dtype=torch.float64)
     n_tokens = logits.new_empty(S, dtype=torch.int64)

@@ -440,3 +440,45 @@ def test_inplace_grad_refuses_a_later_reader(backend, entry):
         loss = dk.dpo_loss_from_logits(z, labels, reference_free=True, inplace_grad=True, backend=backend).loss
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# --- shifted logits without a copy ---------------------------------------------------------------------------------
+
+
+class _BigOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops whose outputs hold at least `numel` elements (a copy of the logits would)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in outs):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("entry", ["token_logps", "dpo_loss_from_logits"])
+def test_shifted_logits_read_in_place(backend, entry):
+    """logits[:, :-1] (rows not evenly strided) is read where it lies: the forward allocates nothing logits-sized,
+    and values and gradients equal the contiguous copy's bit for bit."""
+    logits, labels, rc, rr = _batch(2, 7, 37, torch.bfloat16)
+    base = torch.cat([logits, logits[:, :1]], dim=1)  # [2B, T + 1, V]: the model's logits
+    shifted = base[:, :-1]
+
+    def run(x):
+        if entry == "token_logps":
+            return dk.token_logps(x, labels, backend=backend).sum()
+        return dk.dpo_loss_from_logits(x, labels, rc.float(), rr.float(), backend=backend).loss
+
+    dk.token_logps(logits[:1, :1], labels[:1, :1], backend=backend)  # builds the native backend first
+    with torch.no_grad(), _BigOutputs(shifted.numel()) as mode:
+        run(shifted)
+    assert mode.ops == []
+    x, x_copy = shifted.detach().requires_grad_(), shifted.contiguous().requires_grad_()
+    out, out_copy = run(x), run(x_copy)
+    (grad,), (grad_copy,) = torch.autograd.grad(out, x), torch.autograd.grad(out_copy, x_copy)
+    assert torch.equal(out, out_copy) and torch.equal(grad, grad_copy)
