@@ -200,8 +200,9 @@ def token_logps(
     """Log-probability of each label under softmax(logits / temperature), in fp32.
 
     Args:
-        logits: [..., V] float16 / bfloat16 / float32 (float64 runs on the reference backend). Any row stride; a
-            vocabulary stride other than 1 costs a copy.
+        logits: [..., V] float16 / bfloat16 / float32 (float64 runs on the reference backend). [N, V] and
+            [B, T, V] with any batch and row strides (e.g. `logits[:, :-1]`) are read in place; more leading dims
+            are merged (a copy where they cannot be viewed), and a vocabulary stride other than 1 costs a copy.
         labels: [...] integer, in [0, V) or `ignore_index`; ignored positions get exactly 0 and no gradient.
         temperature: the logits are divided by it (TRL's DPO uses 1.0).
         return_stats: also return `TokenStats` (entropy, mean logit, is_top1 with TRL's first-argmax tie rule,
