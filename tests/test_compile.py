@@ -125,6 +125,16 @@ def _logprobs_calls(add):
                         entropy=lse if grad_entropy else None,
                         inplace=inplace,
                     )
+    # shifted logits read in place: [R, T, V] views with a batch and a row stride (the general-T kernels)
+    V = 128256
+    labels, lse, g = torch.zeros(2 * 3, dtype=torch.int64), torch.zeros(2 * 3), torch.zeros(2 * 3)
+    for dname in DTYPES:
+        x = torch.zeros(2, 4, V, dtype=DTYPES[dname])[:, :-1]
+        for stats in (False, True):
+            add(f"{dname} [R, T, V] view" + " stats" * stats, logprobs.logprobs_fwd, x, labels, return_stats=stats)
+        for inplace in (False, True):
+            label = f"{dname} [R, T, V] view dlogp dentropy" + " inplace" * inplace
+            add(label, logprobs.logprobs_bwd, x, labels, lse, g, grad_entropy=g, entropy=lse, inplace=inplace)
 
 
 def _segments_calls(add):
