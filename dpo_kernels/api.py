@@ -619,16 +619,8 @@ def _loss_from_sequences(
         )
         out = DPOOutput(loss, losses, rewards[0], rewards[1], seq.logps[:B], seq.logps[B:], _metrics(metrics, stats))
     else:
-        options = dict(
-            loss_type=list(config.loss_types),
-            loss_weights=list(config.loss_weights),
-            beta=config.beta,
-            label_smoothing=config.label_smoothing,
-            discopop_tau=config.discopop_tau,
-            f_divergence_type=config.f_divergence_type,
-            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-        )
-        out = R.dpo_loss_from_sequences(seq, rc, rr, use_weighting=use_weighting, return_stats=return_stats, **options)
+        options = dict(use_weighting=use_weighting, return_stats=return_stats, **config.options())
+        out = R.dpo_loss_from_sequences(seq, rc, rr, **options)
     return out.to(out_dtype).detached_details()
 
 

@@ -129,6 +129,18 @@ class LossConfig:
     def has_sft(self) -> bool:
         return "sft" in self.loss_types
 
+    def options(self) -> dict:
+        """The keyword arguments of `loss_config` (and of `dpo_loss`) that give this config back."""
+        return dict(
+            loss_type=list(self.loss_types),
+            loss_weights=list(self.loss_weights),
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.discopop_tau,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+        )
+
 
 def _names(value: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(value, str):
