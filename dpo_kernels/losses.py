@@ -142,6 +142,27 @@ class LossConfig:
         )
 
 
+# TRL's DPOConfig names of the loss options: what `loss_config` takes.
+LOSS_OPTIONS: tuple[str, ...] = (
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "discopop_tau",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+)
+
+
+def loss_options(config) -> dict:
+    """The loss options of anything that carries them under TRL's names (a TRL `DPOConfig`, the training script's
+    knobs), as keyword arguments of `loss_config` / `dpo_loss`; a single loss_type name becomes a list."""
+    options = {name: getattr(config, name) for name in LOSS_OPTIONS}
+    loss_type = options["loss_type"]
+    options["loss_type"] = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    return options
+
+
 def _names(value: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)

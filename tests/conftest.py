@@ -140,3 +140,14 @@ def chunked_linear_token_logps(hidden, weight, labels, *, bias=None, return_stat
         hidden, weight, bias, labels, "reference", **transform, return_stats=return_stats, chunks=chunks
     )
     return logps, (stats if return_stats else None)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as `python -m dpo_kernels.train` does on the CPU (--cpu-threads 1): the tiny model's ops are
+    too small to gain from more threads, and lose much when the cores are shared. Files that train use it for every
+    test (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

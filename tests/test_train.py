@@ -62,14 +62,7 @@ TRL_KEYS = {"loss", "num_tokens", *REWARD_METRICS, *STATS_METRICS}
 BACKEND = "reference" if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As `python -m dpo_kernels.train` does on the CPU (--cpu-threads 1): the tiny model's ops are
-    too small to gain from more threads, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

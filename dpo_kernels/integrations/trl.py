@@ -72,18 +72,6 @@ def _refuse(what: str, fix: str) -> ValueError:
     return ValueError(f"dpo_kernels.integrations.trl.DPOTrainer does not support {what}; {fix}")
 
 
-def _loss_options(args) -> dict:
-    return dict(
-        loss_type=list(args.loss_type),
-        loss_weights=args.loss_weights,
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        discopop_tau=args.discopop_tau,
-        f_divergence_type=args.f_divergence_type,
-        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-    )
-
-
 def _check_args(args) -> None:
     """The DPOConfig options that dpo_kernels cannot honour exactly (raise before TRL starts any work)."""
     if args.padding_free:
@@ -100,7 +88,7 @@ def _check_args(args) -> None:
                 "parallelism (DDP, FSDP, DeepSpeed)",
             )
     try:
-        L.loss_config(**_loss_options(args), use_weighting=args.use_weighting)
+        L.loss_config(**L.loss_options(args), use_weighting=args.use_weighting)
         checks.check_ld_alpha(args.ld_alpha)
     except ValueError as e:
         raise ValueError(f"dpo_kernels.integrations.trl.DPOTrainer: invalid DPOConfig loss options: {e}") from e
@@ -233,7 +221,7 @@ class _KernelLoss:
         return not _output_saved_for_backward(logits)
 
     def _dk_loss(self, logits, labels, completion_mask, ref_chosen, ref_rejected) -> dk.DPOOutput:
-        options = _loss_options(self.args)
+        options = L.loss_options(self.args)
         common = dict(inplace_grad=self._dk_inplace(logits), backend=self._dk_backend)
         # ipo and sigmoid_norm divide by TRL's completion lengths, counted on the unshifted completion mask: one more
         # than the scored tokens where a completion starts at column 0 (an empty prompt). Then the unfused path.

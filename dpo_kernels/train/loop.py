@@ -37,7 +37,7 @@ from tqdm import tqdm
 import dpo_kernels as dk
 from dpo_kernels.api import BACKENDS
 from dpo_kernels.checks import check_ld_alpha
-from dpo_kernels.losses import loss_config
+from dpo_kernels.losses import loss_config, loss_options
 from dpo_kernels.train import checkpoint
 from dpo_kernels.train.data import (
     BUNDLED_TEST,
@@ -207,11 +207,6 @@ def check_same_knobs(knobs: Knobs, path: Path) -> None:
     ]
     if changed:
         raise ValueError(f"--resume-from-checkpoint {path}: the run was saved with other knobs: {'; '.join(changed)}")
-
-
-def loss_options(knobs: Knobs) -> dict:
-    names = ["loss_type", "loss_weights", "beta", "label_smoothing", "discopop_tau"]
-    return {n: getattr(knobs, n) for n in names + ["f_divergence_type", "f_alpha_divergence_coef"]}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -21,7 +21,7 @@ def trl_config(knobs: Knobs, **extra):
     """DPOConfig from the knobs (same names where TRL has the knob)."""
     from trl import DPOConfig
 
-    from dpo_kernels.train.loop import loss_options
+    from dpo_kernels.losses import loss_options
 
     report_to = [r for r in knobs.report_to if r != "none"] or "none"
     return DPOConfig(
