@@ -9,8 +9,9 @@ the Python version and the machine; so checkouts and environments sharing the ca
 each other's build. The flags are portable (no `-march`): the kernels carry their own AVX-512 / AVX2 /
 baseline clones and pick one when the library loads, so a cache shared between machines stays correct.
 
-If the build fails, `available()` warns once and returns False, and the launchers below compute the
-same outputs with the plain PyTorch reference. `DPO_KERNELS_CPU_BACKEND=reference` forces that path.
+If the build fails, `available()` warns once and returns False, and `dispatch.pick` sends CPU calls to the
+plain PyTorch reference instead (it is also where `DPO_KERNELS_CPU_BACKEND=reference` forces that path): the
+launchers below only run on a loaded extension.
 
 Sources: an installed package reads them from `dpo_kernels/csrc/` (package data), a source checkout
 from the repository's `csrc/`. The operators (`torch.ops.dpo_kernels.*`, schemas in csrc/ops.cpp)
@@ -29,8 +30,6 @@ from pathlib import Path
 
 import torch
 
-from dpo_kernels import reference
-
 __all__ = ["available", "logprobs_bwd", "logprobs_fwd"]
 
 _NAME = "dpo_kernels_cpu"
@@ -47,8 +46,6 @@ _loaded: bool | None = None  # None until the first available() call tries to bu
 def available() -> bool:
     """True when the native kernels are loaded; the first call builds or loads them."""
     global _loaded
-    if os.environ.get("DPO_KERNELS_CPU_BACKEND", "").lower() == "reference":
-        return False
     if _loaded is None:
         with _lock:
             if _loaded is None:
@@ -198,9 +195,8 @@ def logprobs_fwd(
         is_top1 as 1.0 / 0.0, log Σ p²) else None. Ignored rows give 0 everywhere; a label outside
         [0, V), a NaN or +inf logit, or a row of −inf only give NaN everywhere but is_top1 (0).
     """
+    assert available(), "dispatch routes CPU calls to the reference when the native kernels are not built"
     labels = labels.to(torch.int64)
-    if not available():
-        return _reference_fwd(logits, labels, ignore_index, temperature, return_stats)
     options = (int(ignore_index), float(temperature), bool(return_stats))
     logps, lse, stats = torch.ops.dpo_kernels.logprobs_fwd(logits, labels, *options)
     return logps, lse, stats if return_stats else None
@@ -225,56 +221,11 @@ def logprobs_bwd(
     where ignored, NaN rows where the forward's outputs are NaN. With `inplace=True` the gradient overwrites the
     logits (strided as they are; elements must not overlap), which are returned.
     """
+    assert available(), "dispatch routes CPU calls to the reference when the native kernels are not built"
     labels = labels.to(torch.int64)
-    if not available():
-        dx = _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature)
-        return logits.copy_(dx) if inplace else dx.contiguous()
     grads = (lse, grad_logps, grad_entropy, entropy)
     options = (int(ignore_index), float(temperature))
     if inplace:
         torch.ops.dpo_kernels.logprobs_bwd_(logits, labels, *grads, *options)
         return logits
     return torch.ops.dpo_kernels.logprobs_bwd(logits, labels, *grads, *options)
-
-
-# The fallback: the reference's math behind the launchers' interface, with the same NaN policy (the reference's own
-# input check would raise on a bad label, so those rows are computed as ignored and then made NaN).
-
-
-def _bad_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return ((labels < 0) | (labels >= logits.shape[-1])) & (labels != ignore_index)
-
-
-def _reference_fwd(logits, labels, ignore_index, temperature, return_stats):
-    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)  # [N, V] and [N] (a copy at worst)
-    bad = _bad_labels(logits, labels, ignore_index)
-    safe = labels.masked_fill(bad, ignore_index)
-    options = dict(ignore_index=ignore_index, temperature=temperature)
-    out = reference.token_logps(logits, safe, return_stats=return_stats, **options)
-    logps, stats = out if return_stats else (out, None)
-    logps = logps.float().masked_fill(bad, float("nan"))
-    lse = torch.logsumexp(logits.float() / temperature, dim=-1)
-    lse = lse.masked_fill(safe == ignore_index, 0.0).masked_fill(logps.isnan(), float("nan"))
-    if stats is not None:
-        stats = torch.stack([s.float() for s in stats])
-        stats[[0, 1, 3]] = stats[[0, 1, 3]].masked_fill(bad, float("nan"))
-    return logps, lse, stats
-
-
-def _reference_bwd(logits, labels, grad_logps, grad_entropy, ignore_index, temperature):
-    """The gradient shaped like the logits."""
-    shape = logits.shape
-    logits, labels = logits.reshape(-1, shape[-1]), labels.reshape(-1)
-    bad = _bad_labels(logits, labels, ignore_index)
-    safe = labels.masked_fill(bad, ignore_index)
-    options = dict(ignore_index=ignore_index, temperature=temperature)
-    with torch.enable_grad():
-        x = logits.detach().float().requires_grad_(True)
-        logps, stats = reference.token_logps(x, safe, return_stats=True, **options)
-        pairs = [(logps, grad_logps), (stats.entropy, grad_entropy)]
-        pairs = [(out, grad.float()) for out, grad in pairs if grad is not None]
-        dx = torch.zeros_like(x)
-        if pairs:
-            outputs, grads = zip(*pairs)
-            (dx,) = torch.autograd.grad(outputs, x, grads)
-    return dx.masked_fill(bad.unsqueeze(-1), float("nan")).to(logits.dtype).view(shape)

@@ -27,7 +27,10 @@ def interpreting() -> bool:
 
 @torch.compiler.assume_constant_result  # torch.compile reads it once instead of tracing a build
 def native_available() -> bool:
-    """The native CPU kernels are built and loaded (the first call builds them)."""
+    """The native CPU kernels are built and loaded (the first call builds them), and not turned off by
+    DPO_KERNELS_CPU_BACKEND=reference (which sends CPU calls to the reference, for comparisons and debugging)."""
+    if os.environ.get("DPO_KERNELS_CPU_BACKEND", "").lower() == "reference":
+        return False
     from dpo_kernels import cpu
 
     return cpu.available()

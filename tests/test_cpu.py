@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import DTYPES, assert_grad_close, assert_out_close
 
-from dpo_kernels import cpu, reference
+from dpo_kernels import cpu, dispatch, reference, token_logps
 
 # The tests that exercise the fallback itself and run whether or not the build works.
 WITHOUT_BUILD = {
@@ -239,44 +239,32 @@ def failing_build(monkeypatch):
     monkeypatch.setattr(cpu, "_load", broken_load)
 
 
-def _check_fallback_matches_reference():
+def _check_fallback_matches_reference(monkeypatch):
+    """Without the native kernels, CPU calls go to the reference: `dispatch.pick` says so (and refuses an explicit
+    backend="cpu"), and the public `token_logps` gives the float64 oracle's values and gradients."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else CPU tensors run the Triton interpreter
     logits, labels = make_inputs(6, 100, torch.bfloat16)
-    labels[1] = 100  # out of range: NaN, as the native kernels give
+    assert dispatch.pick(logits) == "reference"
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors and the native extension"):
+        dispatch.pick(logits, "cpu")
     grad_logps, grad_entropy = torch.randn(6), torch.randn(6)
-    logps, lse, stats = cpu.logprobs_fwd(logits, labels, return_stats=True, temperature=0.9)
-    grad = cpu.logprobs_bwd(
-        logits,
-        labels,
-        lse,
-        grad_logps,
-        temperature=0.9,
-        grad_entropy=grad_entropy,
-        entropy=stats[0],
+    x = logits.clone().requires_grad_(True)
+    logps, stats = token_logps(x, labels, return_stats=True, temperature=0.9)
+    (grad,) = torch.autograd.grad([logps, stats.entropy], x, [grad_logps, grad_entropy])
+    logps_ref, _, stats_ref, grad_ref = oracle(
+        logits, labels, grad_logps=grad_logps, grad_entropy=grad_entropy, temperature=0.9
     )
-    ok = torch.arange(6) != 1
-    logps_ref, lse_ref, stats_ref, grad_ref = oracle(
-        logits[ok],
-        labels[ok],
-        grad_logps=grad_logps[ok],
-        grad_entropy=grad_entropy[ok],
-        temperature=0.9,
-    )
-    assert logps[1].isnan() and grad[1].isnan().all()
-    assert_out_close(logps[ok], logps_ref)
-    scored = labels[ok] != -100
-    assert_out_close(lse[ok][scored], lse_ref[scored])
-    assert_out_close(stats[:, ok], stats_ref)
-    assert_grad_close(grad[ok], grad_ref)
-    out = cpu.logprobs_bwd(logits, labels, lse, grad_logps, temperature=0.9, inplace=True)
-    assert out is logits
+    assert_out_close(logps, logps_ref)
+    assert_out_close(torch.stack([s.to(logps.dtype) for s in stats]), stats_ref)
+    assert_grad_close(grad, grad_ref)
 
 
-def test_fallback_when_build_fails(failing_build):
+def test_fallback_when_build_fails(failing_build, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cpu.available() is False
         assert cpu.available() is False
-        _check_fallback_matches_reference()
+        _check_fallback_matches_reference(monkeypatch)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "simulated" in messages[0] and "falling back" in messages[0]
 
@@ -299,5 +287,5 @@ def test_forced_reference_backend(monkeypatch):
     monkeypatch.setenv("DPO_KERNELS_CPU_BACKEND", "reference")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # forcing the fallback is not worth a warning
-        assert cpu.available() is False
-        _check_fallback_matches_reference()
+        assert dispatch.native_available() is False
+        _check_fallback_matches_reference(monkeypatch)

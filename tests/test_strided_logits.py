@@ -150,30 +150,7 @@ def test_logprobs_strided_empty(kernels, device, stats):
         assert (st is None) if not stats else st.shape == (4, 0)
 
 
-# The native backend's own: its reference fallback takes the same shapes; the operators' checks.
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_cpu_reference_fallback_strided(monkeypatch):
-    """DPO_KERNELS_CPU_BACKEND=reference: the fallback takes [R, T, V] views too, returns [N] outputs and a gradient
-    of the logits' shape (in place into the view), close to the native kernels."""
-    R, T, V = 2, 4, 300
-    base, x = _base("shifted", R, T, V, torch.float32, "cpu")
-    labels = _labels(R, T, V, "cpu")
-    g, g_h = torch.randn(R * T), torch.randn(R * T)
-    native = _launch(cpu, x, labels, g, g_h)
-    monkeypatch.setenv("DPO_KERNELS_CPU_BACKEND", "reference")
-    assert not cpu.available()
-    fallback = _launch(cpu, x, labels, g, g_h)
-    work_base = base.clone()
-    _, lse, _ = fallback[0]
-    out = cpu.logprobs_bwd(work_base[:, :-1], labels, lse, g, inplace=True)
-    for a, b in zip((*native[0], *native[1]), (*fallback[0], *fallback[1])):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert out.shape == x.shape and out.data_ptr() == work_base.data_ptr()
-    _assert_equal(out, fallback[1][0], "fallback in place")
-    _assert_equal(work_base[:, -1], base[:, -1], "base outside the view")
+# The native backend's own: the operators' checks.
 
 
 def test_cpu_ops_strided_checks():
