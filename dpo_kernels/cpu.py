@@ -213,18 +213,23 @@ def logprobs_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d/dlogits of the log-probs, plus the entropy's with `grad_entropy` and forward `entropy`.
 
     dx_v = [g (1[v = y] − p_v) − g_H p_v (x_v − (lse − H))] / T, x = logits / T, p = exp(x − lse),
     in the logits' dtype and shape (logits and labels as in `logprobs_fwd`; a new contiguous tensor); zero rows
     where ignored, NaN rows where the forward's outputs are NaN. With `inplace=True` the gradient overwrites the
-    logits (strided as they are; elements must not overlap), which are returned.
+    logits (strided as they are; elements must not overlap), which are returned; with `out` (the logits' shape and
+    dtype, unit vocab stride) it is written there (the logits are copied into `out`, then overwritten in place).
     """
     assert available(), "dispatch routes CPU calls to the reference when the native kernels are not built"
+    assert out is None or (out.shape == logits.shape and out.dtype == logits.dtype), "out must match the logits"
     labels = labels.to(torch.int64)
     grads = (lse, grad_logps, grad_entropy, entropy)
     options = (int(ignore_index), float(temperature))
+    if out is not None:
+        logits, inplace = out.copy_(logits), True
     if inplace:
         torch.ops.dpo_kernels.logprobs_bwd_(logits, labels, *grads, *options)
         return logits

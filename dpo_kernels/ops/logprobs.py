@@ -265,19 +265,22 @@ def logprobs_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d(sum_i grad_logps[i] logp[i] + grad_entropy[i] entropy[i]) / d logits, in the logits' dtype.
 
     logits and labels as in `logprobs_fwd` ([R, T, V] with any batch and row strides, or [N, V]); lse (and
     entropy, with grad_entropy) are the forward's fp32 [N] outputs. Returns dlogits shaped like the logits
     (a new contiguous tensor) with zero rows at ignored labels; with inplace=True it is written into the
-    logits' own storage (same strides, nothing outside the view touched) and the logits are returned.
+    logits' own storage (same strides, nothing outside the view touched) and the logits are returned; with
+    `out` (the logits' shape and dtype, unit vocab stride, e.g. a window of a larger gradient) it is written there.
     """
     N, T, V, strides = _layout(logits, labels)
     labels = _int64(labels)
     assert grad_entropy is None or entropy is not None, "grad_entropy needs the forward's entropy"
-    if inplace:
-        dlogits = logits
+    assert out is None or (out.shape == logits.shape and out.dtype == logits.dtype), "out must match the logits"
+    if inplace or out is not None:
+        dlogits = logits if inplace else out
     elif os.environ.get("DPO_KERNELS_POISON") == "1":  # as empty_f32: unwritten entries show
         dlogits = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
     else:
@@ -286,7 +289,7 @@ def logprobs_bwd(
         return dlogits
     BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, backward=True)
     num_blocks = triton.cdiv(V, BLOCK_V)
-    d_strides = strides if inplace else _layout(dlogits, labels)[3]
+    d_strides = _layout(dlogits, labels)[3]
     # Absent inputs pass lse as a placeholder pointer: the kernel never reads it (HAS_* False).
     _logprobs_bwd_kernel[(N * num_blocks,)](
         logits, labels, lse,
