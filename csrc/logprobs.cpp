@@ -11,6 +11,9 @@
 // The logits are [R, T, V] with any batch and row strides (unit vocab stride), or [N, V] (R = N, T = 1): row n is
 // (n / T, n % T), read where it is, so logits[:, :-1] costs no copy. Labels and every [N] output are flat over the
 // N = R·T rows; the gradient has the logits' shape (a new contiguous tensor, or the strided logits in place).
+// Partial mode, for logits sharded over the vocabulary (dpo_kernels/parallel.py combines the shards): the forward
+// writes a shard's per-row sums (partial_row) instead of finalized outputs, and the backward takes the combined lse
+// and entropy, a global label and the shard's first column (vocab_start), and writes the shard's gradient.
 //
 // NaN policy (the same on every backend, README "Numerics"): an ignored row is not read and gives 0 everywhere and a
 // zero gradient row. A NaN or +inf logit, a row of −inf only, or a label outside [0, V) gives NaN log-prob, lse,
@@ -138,13 +141,86 @@ struct FwdArgs {
   float* logps;           // [N]
   float* lse;             // [N]
   float* stats;           // [4, N] (entropy, mean_logit, is_top1, log_sum_sq_probs) or nullptr
+  float* partials;        // partial mode: [partial_rows, N] (see partial_row); logps, lse and stats unused
+  int64_t partial_rows;   // 0 (finalized outputs), 3, or 7 with stats
   RowLayout logits_rows;
   int64_t N, V, ignore_index;
   float inv_temperature;
+  int64_t vocab_start;    // partial mode: the global column of this shard's column 0
+  double mean_scale;      // Σx (in units of x/CHUNK) → mean: CHUNK / V (partial mode: over the whole vocabulary)
+};
+
+// The sums of one row relative to its running max m (x = logits / T): l = Σ e, s_xm = Σ e·(x − m), s_ee = Σ e²,
+// with e = exp(x − m); s_x = Σ x/CHUNK; the first argmax; and the max of x over the columns before `before_col`.
+struct RowSums {
+  float m = -INF;
+  int64_t argmax = -1;
+  double l = 0.0, s_xm = 0.0, s_ee = 0.0, s_x = 0.0;
+  float before = -INF;
 };
 
 // One row: online max and sums over CHUNK-sized pieces; `buf` holds the current piece as fp32 x = logits / T.
-// Sums are kept relative to the running max m: l = Σ e, s_xm = Σ e·(x − m), s_ee = Σ e², with e = exp(x − m).
+// before_col <= 0 skips the max before a column (only the partial mode needs it).
+template <typename T>
+DPO_INLINE RowSums row_sums(const T* x_row, int64_t V, float inv_t, bool want_stats, int64_t before_col,
+                            float* buf) {
+  RowSums r;
+  for (int64_t start = 0; start < V; start += CHUNK) {
+    const int64_t n = std::min(CHUNK, V - start);
+    const T* src = x_row + start;
+    float c_max = -INF, c_x = 0.f;
+#pragma omp simd reduction(max : c_max) reduction(+ : c_x)
+    for (int64_t i = 0; i < n; ++i) {
+      float x = to_f32(src[i]) * inv_t;
+      buf[i] = x;
+      c_max = std::max(c_max, x);
+      c_x += x * SUM_SCALE;
+    }
+    // Σx also detects NaN, which the max may drop: a NaN anywhere makes it NaN (checked after the loop).
+    r.s_x += c_x;
+    if (before_col >= start + n) {
+      r.before = std::max(r.before, c_max);
+    } else if (before_col > start) {  // the piece that holds the label's column
+      for (int64_t i = 0; i < before_col - start; ++i) r.before = std::max(r.before, buf[i]);
+    }
+    if (c_max == -INF) continue;  // a piece of −inf logits adds nothing (and exp(−inf − (−inf)) would be NaN)
+    float& m = r.m;
+    if (c_max > m) {
+      if (m > -INF) {  // move the sums to the new max
+        const double d = static_cast<double>(m) - c_max;
+        const double scale = std::exp(d);
+        r.s_xm = scale * (r.s_xm + d * r.l);
+        r.l *= scale;
+        r.s_ee *= scale * scale;
+      }
+      m = c_max;
+      // TRL's tie rule: the first index of the maximum; a later piece must exceed it strictly to take over.
+      int64_t i = 0;
+      while (i < n && buf[i] != c_max) ++i;
+      r.argmax = start + i;
+    }
+    float c_l = 0.f;
+    if (want_stats) {
+      float c_xm = 0.f, c_ee = 0.f;
+#pragma omp simd reduction(+ : c_l, c_xm, c_ee)
+      for (int64_t i = 0; i < n; ++i) {
+        const float d = buf[i] - m;
+        const float e = fast_exp(d);
+        c_l += e;
+        c_xm += e > 0.f ? e * d : 0.f;  // 0 · (−inf) must count as 0
+        c_ee += e * e;
+      }
+      r.s_xm += c_xm;
+      r.s_ee += c_ee;
+    } else {
+#pragma omp simd reduction(+ : c_l)
+      for (int64_t i = 0; i < n; ++i) c_l += fast_exp(buf[i] - m);
+    }
+    r.l += c_l;
+  }
+  return r;
+}
+
 template <typename T>
 DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
   const int64_t V = a.V;
@@ -166,76 +242,63 @@ DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
   }
   const T* x_row = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);  // int64: N·V passes 2^31
   const float inv_t = a.inv_temperature;
-
-  float m = -INF;
-  int64_t argmax = -1;
-  double l = 0.0, s_xm = 0.0, s_ee = 0.0, s_x = 0.0;
-  for (int64_t start = 0; start < V; start += CHUNK) {
-    const int64_t n = std::min(CHUNK, V - start);
-    const T* src = x_row + start;
-    float c_max = -INF, c_x = 0.f;
-#pragma omp simd reduction(max : c_max) reduction(+ : c_x)
-    for (int64_t i = 0; i < n; ++i) {
-      float x = to_f32(src[i]) * inv_t;
-      buf[i] = x;
-      c_max = std::max(c_max, x);
-      c_x += x * SUM_SCALE;
-    }
-    // Σx also detects NaN, which the max may drop: a NaN anywhere makes it NaN (checked after the loop).
-    s_x += c_x;
-    if (c_max == -INF) continue;  // a piece of −inf logits adds nothing (and exp(−inf − (−inf)) would be NaN)
-    if (c_max > m) {
-      if (m > -INF) {  // move the sums to the new max
-        const double d = static_cast<double>(m) - c_max;
-        const double scale = std::exp(d);
-        s_xm = scale * (s_xm + d * l);
-        l *= scale;
-        s_ee *= scale * scale;
-      }
-      m = c_max;
-      // TRL's tie rule: the first index of the maximum; a later piece must exceed it strictly to take over.
-      int64_t i = 0;
-      while (i < n && buf[i] != c_max) ++i;
-      argmax = start + i;
-    }
-    float c_l = 0.f;
-    if (want_stats) {
-      float c_xm = 0.f, c_ee = 0.f;
-#pragma omp simd reduction(+ : c_l, c_xm, c_ee)
-      for (int64_t i = 0; i < n; ++i) {
-        const float d = buf[i] - m;
-        const float e = fast_exp(d);
-        c_l += e;
-        c_xm += e > 0.f ? e * d : 0.f;  // 0 · (−inf) must count as 0
-        c_ee += e * e;
-      }
-      s_xm += c_xm;
-      s_ee += c_ee;
-    } else {
-#pragma omp simd reduction(+ : c_l)
-      for (int64_t i = 0; i < n; ++i) c_l += fast_exp(buf[i] - m);
-    }
-    l += c_l;
-  }
+  const RowSums r = row_sums<T>(x_row, V, inv_t, want_stats, 0, buf);
+  const double l = r.l;
 
   // A NaN or +inf logit makes l NaN (and Σx NaN: the max may drop a NaN), a row of −inf only leaves l = 0.
   const bool in_range = label >= 0 && label < V;
-  if (!(l > 0.0) || std::isnan(s_x) || !in_range) {
+  if (!(l > 0.0) || std::isnan(r.s_x) || !in_range) {
     write(NAN_F, NAN_F, NAN_F, NAN_F, 0.f, NAN_F);  // lse NaN too: the backward writes a NaN row
     return;
   }
   const double log_l = std::log(l);
   // x_y − m first (exact in double): lse = m + log l alone would lose log l next to a huge m
   const double x_label = static_cast<double>(to_f32(x_row[label]) * inv_t);
-  write(static_cast<float>((x_label - m) - log_l), static_cast<float>(m + log_l),
-        static_cast<float>(log_l - s_xm / l), static_cast<float>(s_x * (static_cast<double>(CHUNK) / V)),
-        argmax == label ? 1.f : 0.f, static_cast<float>(std::log(s_ee) - 2.0 * log_l));
+  write(static_cast<float>((x_label - r.m) - log_l), static_cast<float>(r.m + log_l),
+        static_cast<float>(log_l - r.s_xm / l), static_cast<float>(r.s_x * a.mean_scale),
+        r.argmax == label ? 1.f : 0.f, static_cast<float>(std::log(r.s_ee) - 2.0 * log_l));
+}
+
+// Partial mode: one vocabulary shard's sums of a row, for a combine across shards (dpo_kernels/parallel.py):
+// m, l, the label's x where the shard holds it (else 0); with stats s_xm, s_ee, the shard's part of the mean
+// (Σx over the whole vocabulary's size) and the max of x before the label's column (−inf if none). The label is
+// global; a NaN or +inf logit shows as a NaN l (the combine applies the NaN policy).
+template <typename T>
+DPO_INLINE void partial_row(const FwdArgs& a, int64_t row, float* buf) {
+  const int64_t label = a.labels[row];
+  const int64_t rows = a.partial_rows;
+  const bool want_stats = rows == 7;
+  float* out = a.partials;
+  if (label == a.ignore_index) {  // ignored rows are not read
+    for (int64_t k = 0; k < rows; ++k) out[k * a.N + row] = 0.f;
+    return;
+  }
+  const T* x_row = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);
+  const int64_t y = label - a.vocab_start;  // the shard's column of the label
+  const bool owned = y >= 0 && y < a.V;
+  // before_col: the label's column, clamped to [0, V] (a label past the shard: all of it is before)
+  const int64_t before_col = want_stats ? std::clamp<int64_t>(y, 0, a.V) : 0;
+  const RowSums r = row_sums<T>(x_row, a.V, a.inv_temperature, want_stats, before_col, buf);
+  const float l = std::isnan(r.s_x) ? NAN_F : static_cast<float>(r.l);  // the max may drop a NaN, Σx does not
+  out[row] = r.m;
+  out[a.N + row] = l;
+  out[2 * a.N + row] = owned ? to_f32(x_row[y]) * a.inv_temperature : 0.f;
+  if (want_stats) {
+    out[3 * a.N + row] = static_cast<float>(r.s_xm);
+    out[4 * a.N + row] = static_cast<float>(r.s_ee);
+    out[5 * a.N + row] = static_cast<float>(r.s_x * a.mean_scale);
+    out[6 * a.N + row] = r.before;
+  }
 }
 
 template <typename T>
 DPO_INLINE void fwd_rows(const FwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float buf[CHUNK];
-  for (int64_t row = begin; row < end; ++row) fwd_row<T>(a, row, buf);
+  if (a.partial_rows > 0) {
+    for (int64_t row = begin; row < end; ++row) partial_row<T>(a, row, buf);
+  } else {
+    for (int64_t row = begin; row < end; ++row) fwd_row<T>(a, row, buf);
+  }
 }
 
 DPO_ISA_CLONES void fwd_rows_f32(const FwdArgs& a, int64_t begin, int64_t end) { fwd_rows<float>(a, begin, end); }
@@ -256,6 +319,8 @@ struct BwdArgs {
   RowLayout logits_rows, dlogits_rows;
   int64_t N, V, ignore_index;
   float inv_temperature;
+  bool sharded;         // the logits are a vocabulary shard; lse and entropy the whole rows', labels global
+  int64_t vocab_start;  // sharded: the global column of this shard's column 0
 };
 
 // exp(x − lse) for the backward: x − lse is ≤ 0 but for the rounding of the fp32 lse (half an ulp), so it is clamped
@@ -274,7 +339,11 @@ DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
   const int64_t label = a.labels[row];
   const T* src = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);
   T* dst = static_cast<T*>(a.dlogits) + a.dlogits_rows.offset(row);
-  if (label == a.ignore_index || !(label >= 0 && label < V)) {  // ignored: zeros; bad label: NaN, as forward
+  // Sharded, the label is global: its one-hot lands only in the shard that holds it, and a bad label's NaN row
+  // comes from the combined lse (NaN there).
+  const int64_t y = a.sharded ? label - a.vocab_start : label;
+  const bool owned = y >= 0 && y < V;
+  if (label == a.ignore_index || !(owned || a.sharded)) {  // ignored: zeros; bad label: NaN, as forward
     const T fill = from_f32<T>(label == a.ignore_index ? 0.f : NAN_F);
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) dst[i] = fill;
@@ -283,8 +352,8 @@ DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
   const float inv_t = a.inv_temperature;
   const float lse = a.lse[row];
   const float g = a.grad_logps != nullptr ? a.grad_logps[row] : 0.f;
-  const float x_label = to_f32(src[label]) * inv_t;
-  const float p_label = prob(x_label, lse);
+  const float x_label = owned ? to_f32(src[y]) * inv_t : 0.f;
+  const float p_label = owned ? prob(x_label, lse) : 0.f;
   float d_label = g * (1.f - p_label);
   if (a.grad_entropy != nullptr && a.grad_entropy[row] != 0.f) {
     const float g_h = a.grad_entropy[row];
@@ -302,7 +371,7 @@ DPO_INLINE void bwd_row(const BwdArgs& a, int64_t row) {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) dst[i] = from_f32<T>(-g_t * prob(to_f32(src[i]) * inv_t, lse));
   }
-  dst[label] = from_f32<T>(d_label * inv_t);
+  if (owned) dst[y] = from_f32<T>(d_label * inv_t);
 }
 
 template <typename T>
@@ -397,7 +466,8 @@ void run_rows(const at::Tensor& logits, const Args& args, void (*f32)(const Args
 
 void bwd_into(const at::Tensor& logits, const at::Tensor& dlogits, const at::Tensor& labels, const at::Tensor& lse,
               const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
-              const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature) {
+              const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature,
+              std::optional<int64_t> vocab_start) {
   check_logits_labels(logits, labels, temperature);
   const int64_t N = num_rows(logits);
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy needs the forward's entropy");
@@ -419,10 +489,28 @@ void bwd_into(const at::Tensor& logits, const at::Tensor& dlogits, const at::Ten
                N,
                logits.size(-1),
                ignore_index,
-               static_cast<float>(1.0 / temperature)};
+               static_cast<float>(1.0 / temperature),
+               vocab_start.has_value(),
+               vocab_start.value_or(0)};
   run_rows<BwdArgs>(logits, args, bwd_rows_f32, bwd_rows_f16, bwd_rows_bf16);
 }
 
+}  // namespace
+
+namespace {
+// Fills the launch arguments of both forward modes (outputs set by the caller).
+FwdArgs fwd_args(const at::Tensor& logits, const at::Tensor& labels_c, int64_t ignore_index, double temperature) {
+  FwdArgs args{};
+  args.logits = logits.const_data_ptr();
+  args.labels = labels_c.const_data_ptr<int64_t>();
+  args.logits_rows = row_layout(logits);
+  args.N = num_rows(logits);
+  args.V = logits.size(-1);
+  args.ignore_index = ignore_index;
+  args.inv_temperature = static_cast<float>(1.0 / temperature);
+  args.mean_scale = static_cast<double>(CHUNK) / args.V;
+  return args;
+}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
@@ -436,37 +524,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   at::Tensor stats = at::empty({return_stats ? 4 : 0, N}, f32);
   auto labels_c = labels.reshape({-1}).contiguous();
   if (N == 0) return {logps, lse, stats};
-  FwdArgs args{logits.const_data_ptr(),
-               labels_c.const_data_ptr<int64_t>(),
-               logps.data_ptr<float>(),
-               lse.data_ptr<float>(),
-               return_stats ? stats.data_ptr<float>() : nullptr,
-               row_layout(logits),
-               N,
-               logits.size(-1),
-               ignore_index,
-               static_cast<float>(1.0 / temperature)};
+  FwdArgs args = fwd_args(logits, labels_c, ignore_index, temperature);
+  args.logps = logps.data_ptr<float>();
+  args.lse = lse.data_ptr<float>();
+  args.stats = return_stats ? stats.data_ptr<float>() : nullptr;
   run_rows<FwdArgs>(logits, args, fwd_rows_f32, fwd_rows_f16, fwd_rows_bf16);
   return {logps, lse, stats};
+}
+
+at::Tensor logprobs_partial_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                                    double temperature, bool return_stats, int64_t vocab_start, int64_t vocab_size) {
+  check_logits_labels(logits, labels, temperature);
+  TORCH_CHECK(vocab_start >= 0 && vocab_start + logits.size(-1) <= vocab_size, "the shard [", vocab_start, ", ",
+              vocab_start + logits.size(-1), ") must lie in the vocabulary [0, ", vocab_size, ")");
+  const int64_t N = num_rows(logits);
+  const int64_t rows = return_stats ? 7 : 3;
+  at::Tensor partials = at::empty({rows, N}, logits.options().dtype(at::kFloat));
+  auto labels_c = labels.reshape({-1}).contiguous();
+  if (N == 0) return partials;
+  FwdArgs args = fwd_args(logits, labels_c, ignore_index, temperature);
+  args.partials = partials.data_ptr<float>();
+  args.partial_rows = rows;
+  args.vocab_start = vocab_start;
+  args.mean_scale = static_cast<double>(CHUNK) / vocab_size;
+  run_rows<FwdArgs>(logits, args, fwd_rows_f32, fwd_rows_f16, fwd_rows_bf16);
+  return partials;
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                             const std::optional<at::Tensor>& grad_logps,
                             const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& entropy,
-                            int64_t ignore_index, double temperature) {
+                            int64_t ignore_index, double temperature, std::optional<int64_t> vocab_start) {
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous, logits' dtype
   advise_huge_pages(dlogits);
-  bwd_into(logits, dlogits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature);
+  bwd_into(logits, dlogits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature, vocab_start);
   return dlogits;
 }
 
 void logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                               const std::optional<at::Tensor>& grad_logps,
                               const std::optional<at::Tensor>& grad_entropy,
-                              const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature) {
+                              const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature,
+                              std::optional<int64_t> vocab_start) {
   // rows written in parallel must not share memory (an expanded tensor would)
   TORCH_CHECK(!overlapping(logits), "in-place backward needs logits whose elements do not share memory");
-  bwd_into(logits, logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature);
+  bwd_into(logits, logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature, vocab_start);
 }
 
 }  // namespace dpo_kernels

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "logprobs_bwd", "logprobs_fwd"]
+__all__ = ["available", "logprobs_bwd", "logprobs_fwd", "logprobs_partial_fwd"]
 
 _NAME = "dpo_kernels_cpu"
 _SOURCES = ("logprobs.cpp", "ops.cpp")
@@ -164,12 +164,16 @@ def _register_fakes() -> None:
         stats = logits.new_empty((4 if return_stats else 0, N), dtype=torch.float32)
         return logps, lse, stats
 
+    @torch.library.register_fake("dpo_kernels::logprobs_partial_fwd")
+    def _(logits, labels, ignore_index, temperature, return_stats, vocab_start, vocab_size):
+        return logits.new_empty((7 if return_stats else 3, labels.numel()), dtype=torch.float32)
+
     @torch.library.register_fake("dpo_kernels::logprobs_bwd")
-    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature):
+    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature, vocab_start=None):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("dpo_kernels::logprobs_bwd_")
-    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature):
+    def _(logits, labels, lse, grad_logps, grad_entropy, entropy, ignore_index, temperature, vocab_start=None):
         return None
 
     _register_fakes.done = True
@@ -202,6 +206,24 @@ def logprobs_fwd(
     return logps, lse, stats if return_stats else None
 
 
+def logprobs_partial_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+) -> torch.Tensor:
+    """One vocabulary shard's per-row partials (fp32 [3, N], [7, N] with stats), as ops/logprobs.py's
+    `logprobs_partial_fwd`: logits [.., V_shard] are the global columns [vocab_start, vocab_start + V_shard) of a
+    vocabulary of `vocab_size`, labels global; `dpo_kernels.parallel` combines the shards."""
+    assert available(), "dispatch routes CPU calls to the reference when the native kernels are not built"
+    options = (int(ignore_index), float(temperature), bool(return_stats), int(vocab_start), int(vocab_size))
+    return torch.ops.dpo_kernels.logprobs_partial_fwd(logits, labels.to(torch.int64), *options)
+
+
 def logprobs_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -214,6 +236,7 @@ def logprobs_bwd(
     entropy: torch.Tensor | None = None,
     inplace: bool = False,
     out: torch.Tensor | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """d/dlogits of the log-probs, plus the entropy's with `grad_entropy` and forward `entropy`.
 
@@ -222,12 +245,14 @@ def logprobs_bwd(
     where ignored, NaN rows where the forward's outputs are NaN. With `inplace=True` the gradient overwrites the
     logits (strided as they are; elements must not overlap), which are returned; with `out` (the logits' shape and
     dtype, unit vocab stride) it is written there (the logits are copied into `out`, then overwritten in place).
+    With `vocab_start` the logits are the vocabulary shard that starts at that global column, labels global,
+    lse / entropy the whole rows'.
     """
     assert available(), "dispatch routes CPU calls to the reference when the native kernels are not built"
     assert out is None or (out.shape == logits.shape and out.dtype == logits.dtype), "out must match the logits"
     labels = labels.to(torch.int64)
     grads = (lse, grad_logps, grad_entropy, entropy)
-    options = (int(ignore_index), float(temperature))
+    options = (int(ignore_index), float(temperature), None if vocab_start is None else int(vocab_start))
     if out is not None:
         logits, inplace = out.copy_(logits), True
     if inplace:

@@ -125,6 +125,19 @@ def _logprobs_calls(add):
                         entropy=lse if grad_entropy else None,
                         inplace=inplace,
                     )
+    # partial mode (dpo_kernels.parallel): a vocabulary shard's partials and its gradient, Llama 3's V over 2 / 3 ranks
+    for V in (64128, 42752):
+        labels, lse, g = torch.zeros(N, dtype=torch.int64), torch.zeros(N), torch.zeros(N)
+        for dname in DTYPES:
+            x = torch.zeros(N, V, dtype=DTYPES[dname])
+            for stats in (False, True):
+                label = f"{dname} V={V} partial" + " stats" * stats
+                kw = dict(vocab_start=V, vocab_size=128256, return_stats=stats)
+                add(label, logprobs.logprobs_partial_fwd, x, labels, **kw)
+            for grad_entropy in (False, True):
+                label = f"{dname} V={V} sharded dlogp" + " dentropy" * grad_entropy
+                entropy = dict(grad_entropy=g, entropy=lse) if grad_entropy else {}
+                add(label, logprobs.logprobs_bwd, x, labels, lse, g, vocab_start=V, **entropy)
     # shifted logits read in place: [R, T, V] views with a batch and a row stride (the general-T kernels)
     V = 128256
     labels, lse, g = torch.zeros(2 * 3, dtype=torch.int64), torch.zeros(2 * 3), torch.zeros(2 * 3)

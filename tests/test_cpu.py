@@ -185,6 +185,7 @@ def test_operator_schemas():
     ops = torch.ops.dpo_kernels
     assert not ops.logprobs_fwd.default._schema.is_mutable
     assert not ops.logprobs_bwd.default._schema.is_mutable
+    assert not ops.logprobs_partial_fwd.default._schema.is_mutable
     arguments = ops.logprobs_bwd_.default._schema.arguments
     mutated = [a.name for a in arguments if a.alias_info and a.alias_info.is_write]
     assert mutated == ["logits"]
@@ -201,6 +202,12 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.logprobs_fwd.default, (logits, labels, -100, 1.0, False))
     torch.library.opcheck(ops.logprobs_bwd.default, (logits, *bwd_args))
     torch.library.opcheck(ops.logprobs_bwd_.default, (logits.clone(), *bwd_args))
+    # partial mode (dpo_kernels.parallel): the shard [100, 300) of a vocabulary of 500, its gradient
+    shard = logits[:, 100:]
+    torch.library.opcheck(ops.logprobs_partial_fwd.default, (shard, labels, -100, 0.8, True, 100, 500))
+    torch.library.opcheck(ops.logprobs_partial_fwd.default, (shard, labels, -100, 1.0, False, 100, 500))
+    torch.library.opcheck(ops.logprobs_bwd.default, (shard, *bwd_args, 100))
+    torch.library.opcheck(ops.logprobs_bwd_.default, (shard.clone(), *bwd_args, 100))
 
 
 @pytest.mark.slow

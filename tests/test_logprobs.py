@@ -610,6 +610,69 @@ def test_logprobs_top1_ties(kernels, device, V):
     assert st_later[2].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
+# Partial mode (dpo_kernels.parallel): one vocabulary shard's per-row partials, and the shard's gradient from the
+# whole rows' lse and entropy. The oracle is float64 math on the shard's columns and the full rows.
+
+
+def _partials_oracle(logits, labels, start, stop, temperature):
+    """parallel.PARTIALS of the columns [start, stop) in float64: max, Σe, label's z (owned), Σe(z − m), Σe², Σz / V,
+    max of z before the label's column (−inf if none); 0 at ignored rows."""
+    V = logits.shape[-1]
+    z = logits.double() / temperature
+    shard = z[:, start:stop]
+    m = shard.amax(1)
+    e = (shard - m[:, None]).exp()
+    owned = (labels >= start) & (labels < stop)
+    label_z = torch.where(owned, z.gather(1, labels.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
+    cols = torch.arange(start, stop, device=logits.device)
+    before = torch.where(cols[None] < labels[:, None], shard, -math.inf).amax(1)
+    rows = torch.stack([m, e.sum(1), label_z, (e * (shard - m[:, None])).sum(1), (e * e).sum(1), shard.sum(1) / V,
+                        before])  # fmt: skip
+    return torch.where(labels == IGNORE, 0.0, rows)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("V, start, stop", [(100, 0, 40), (100, 40, 100), (2049, 23, 2049), (5000, 1000, 4100)])
+def test_logprobs_partial_fwd(kernels, device, V, start, stop, dtype, stats):
+    """Labels before, inside and after the shard; ties across its edges (is_top1's bound); V = 5000: several blocks."""
+    N = 8
+    logits = _logits(N, V, dtype, device)
+    labels = _labels(N, V, device)
+    labels[2:5] = torch.tensor([start, stop - 1, (start + stop) // 2])
+    logits[5, [max(start - 1, 0), start]] = 10.0  # a tie across the shard's first edge, the label on its later side
+    labels[5] = start
+    out = kernels.logprobs_partial_fwd(logits[:, start:stop], labels, vocab_start=start, vocab_size=V,
+                                       temperature=0.7, return_stats=stats)  # fmt: skip
+    ref = _partials_oracle(logits, labels, start, stop, 0.7)
+    assert out.shape == (7 if stats else 3, N) and out.dtype == torch.float32
+    assert_out_close(out, ref[: out.shape[0]])
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["dlogp", "dlogp+dentropy"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("V, start, stop", [(100, 0, 40), (100, 40, 100), (5000, 1000, 4100)])
+def test_logprobs_bwd_sharded(kernels, device, V, start, stop, dtype, entropy_grad):
+    """The shard's gradient from the whole rows' lse and entropy: the float64 gradient's columns [start, stop); the
+    label's one-hot only where the shard holds it; a bad label's NaN row comes from its NaN lse."""
+    N = 7
+    logits, labels = _logits(N, V, dtype, device), _labels(N, V, device)
+    labels[2:4] = torch.tensor([start, stop - 1])
+    g, g_h = torch.randn(N, device=device), torch.randn(N, device=device) if entropy_grad else None
+    _, lse, st, d_ref = _oracle(logits, labels, g, g_h, temperature=0.7)
+    lse = torch.where(labels == IGNORE, 0.0, lse).float()
+    lse[4] = NAN  # as the combine writes it for a bad label (or a NaN row)
+    entropy = dict(grad_entropy=g_h, entropy=st.entropy.detach().float()) if entropy_grad else {}
+    local = logits[:, start:stop]
+    dlocal = kernels.logprobs_bwd(local, labels, lse, g, temperature=0.7, vocab_start=start, **entropy)
+    in_place = kernels.logprobs_bwd(local.clone(), labels, lse, g, temperature=0.7, vocab_start=start,
+                                    inplace=True, **entropy)  # fmt: skip
+    assert torch.isnan(dlocal[4]).all()
+    rows = torch.arange(N, device=device) != 4
+    assert_grad_close(dlocal[rows], d_ref[rows, start:stop])
+    torch.testing.assert_close(in_place, dlocal, rtol=0, atol=0, equal_nan=True)
+
+
 # Real vocabularies, a row count that is not a multiple of anything, N·V past 2^31: on a GPU for Triton; the
 # native backend runs them on any machine, as slow tests.
 BIG = [

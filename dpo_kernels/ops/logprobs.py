@@ -42,6 +42,12 @@ overwrites the logits (each program reads its block before writing it). p carrie
 error of the fp32 lse as a relative error: half an ulp of lse, 4e-6 at |lse| = 100, 5e-4 at 1e4;
 z - lse is clamped at 0 (one min per logit), so p <= 1 and the gradient stays finite at any size.
 
+Partial mode (PARTIAL / SHARDED, constexpr: the finalized path is compiled without it), for logits sharded
+over the vocabulary (`dpo_kernels.parallel`): the forward writes a shard's per-row partials instead of finalized
+outputs (its max, sums relative to it, the label's logit where the shard holds it, the max before the label's
+column for is_top1's first-argmax rule), which parallel.py combines across shards with two all-reduces; the
+backward takes the combined lse and entropy and a global label, and writes the shard's part of the gradient.
+
 NaN policy (every backend, README "Numerics"): an ignored row (label == ignore_index) gives 0 in
 every output and a zero gradient row, and is not read. A row with a NaN or +inf logit, a row of
 -inf only, or a label outside [0, V) gives NaN log-prob, lse, entropy, mean logit and log Σ p²,
@@ -67,24 +73,33 @@ def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logps_ptr, lse_ptr, stats_ptr,  # pointers; stats [4, N]
     stride_logits_b, stride_logits_t,  # strides
     N, T, V, ignore_index, inv_temperature, two_log2e_over_t, mean_scale, mean_unscale,  # sizes and scalars
+    vocab_start,  # PARTIAL: the global column of this shard's column 0
     RETURN_STATS: tl.constexpr,
+    PARTIAL: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
 ):  # fmt: skip
-    # One program per row: reads the row once (not at all if ignored), writes logp, lse (+ 4 stats).
+    # One program per row: reads the row once (not at all if ignored), writes logp, lse (+ 4 stats), or with
+    # PARTIAL the row's partials over this vocabulary shard ([3 or 7, N] at stats_ptr, `logprobs_partial_fwd`).
     # A block is a [BLOCK_V // VEC, VEC] tile of 16-byte pieces dealt round-robin to the threads; a
     # piece's running max and sums stay in its thread: the loop never communicates between threads.
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16384 x 128256
     label = tl.load(labels_ptr + row)
     r = row // T  # row = (r, t) of the [R, T, V] logits, read where they are (T = 1 for [N, V] logits)
     if label == ignore_index:
-        tl.store(logps_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if RETURN_STATS:
-            for k in tl.static_range(4):
+        if PARTIAL:
+            for k in tl.static_range(7 if RETURN_STATS else 3):
                 tl.store(stats_ptr + k * N + row, 0.0)
+        else:
+            tl.store(logps_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            if RETURN_STATS:
+                for k in tl.static_range(4):
+                    tl.store(stats_ptr + k * N + row, 0.0)
     else:
         row_ptr = logits_ptr + r * stride_logits_b + (row - r * T) * stride_logits_t
+        if PARTIAL:
+            label = label - vocab_start  # the shard's column of the label: outside [0, V) when another rank owns it
         in_range = (label >= 0) & (label < V)
         x_label = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
         offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
@@ -135,26 +150,40 @@ def _logprobs_fwd_kernel(
         d = tl.where(m_p == -float("inf"), 0.0, d)
         alpha = tl.exp2(d)
         sum_exp = tl.sum(l_p * alpha, 0)
-        # The NaN policy: a NaN or +inf logit makes sum_exp NaN, a row of -inf only makes it 0.
-        ok = (sum_exp > 0.0) & in_range
-        log2_sum = tl.log2(sum_exp)
-        # z_y - max z in natural units: -inf only where it is below fp32's range
-        logp = tl.fma(x_label, 0.5, -half_m) * (2.0 * inv_temperature) - log2_sum * 0.6931471805599453
-        lse = m * inv_temperature + log2_sum * 0.6931471805599453
-        # NaN lse too: the backward then writes a NaN row (p = NaN) with or without grad_logps.
-        tl.store(logps_ptr + row, tl.where(ok, logp, float("nan")))
-        tl.store(lse_ptr + row, tl.where(ok, lse, float("nan")))
-        if RETURN_STATS:
-            s1 = tl.sum((s1_p + l_p * d) * alpha, 0)
-            s2 = tl.sum(s2_p * (alpha * alpha), 0)
-            entropy = (log2_sum - s1 / sum_exp) * 0.6931471805599453
-            mean_logit = tl.sum(sx_p, 0) * mean_unscale * inv_temperature
-            is_top1 = (x_label >= m) & (x_label > tl.max(before_p, 0)) & ok
-            log_sum_sq = (tl.log2(s2) - 2.0 * log2_sum) * 0.6931471805599453
-            tl.store(stats_ptr + row, tl.where(ok, entropy, float("nan")))
-            tl.store(stats_ptr + N + row, tl.where(ok, mean_logit, float("nan")))
-            tl.store(stats_ptr + 2 * N + row, tl.where(is_top1, 1.0, 0.0))
-            tl.store(stats_ptr + 3 * N + row, tl.where(ok, log_sum_sq, float("nan")))
+        if PARTIAL:
+            # The shard's partials in z = x / T (natural units): max, sum of e = exp(z - max), the label's z if owned
+            # (else 0); with stats sum e (z - max), sum e^2, the shard's part of the mean (sum z / V_total) and the max
+            # of z before the label's column (-inf if none). NaN rows carry NaN in l; the combine applies the policy.
+            tl.store(stats_ptr + row, m * inv_temperature)
+            tl.store(stats_ptr + N + row, sum_exp)
+            tl.store(stats_ptr + 2 * N + row, tl.where(in_range, x_label * inv_temperature, 0.0))
+            if RETURN_STATS:
+                s1 = tl.sum((s1_p + l_p * d) * alpha, 0) * 0.6931471805599453
+                tl.store(stats_ptr + 3 * N + row, s1)
+                tl.store(stats_ptr + 4 * N + row, tl.sum(s2_p * (alpha * alpha), 0))
+                tl.store(stats_ptr + 5 * N + row, tl.sum(sx_p, 0) * mean_unscale * inv_temperature)
+                tl.store(stats_ptr + 6 * N + row, tl.max(before_p, 0) * inv_temperature)
+        else:
+            # The NaN policy: a NaN or +inf logit makes sum_exp NaN, a row of -inf only makes it 0.
+            ok = (sum_exp > 0.0) & in_range
+            log2_sum = tl.log2(sum_exp)
+            # z_y - max z in natural units: -inf only where it is below fp32's range
+            logp = tl.fma(x_label, 0.5, -half_m) * (2.0 * inv_temperature) - log2_sum * 0.6931471805599453
+            lse = m * inv_temperature + log2_sum * 0.6931471805599453
+            # NaN lse too: the backward then writes a NaN row (p = NaN) with or without grad_logps.
+            tl.store(logps_ptr + row, tl.where(ok, logp, float("nan")))
+            tl.store(lse_ptr + row, tl.where(ok, lse, float("nan")))
+            if RETURN_STATS:
+                s1 = tl.sum((s1_p + l_p * d) * alpha, 0)
+                s2 = tl.sum(s2_p * (alpha * alpha), 0)
+                entropy = (log2_sum - s1 / sum_exp) * 0.6931471805599453
+                mean_logit = tl.sum(sx_p, 0) * mean_unscale * inv_temperature
+                is_top1 = (x_label >= m) & (x_label > tl.max(before_p, 0)) & ok
+                log_sum_sq = (tl.log2(s2) - 2.0 * log2_sum) * 0.6931471805599453
+                tl.store(stats_ptr + row, tl.where(ok, entropy, float("nan")))
+                tl.store(stats_ptr + N + row, tl.where(ok, mean_logit, float("nan")))
+                tl.store(stats_ptr + 2 * N + row, tl.where(is_top1, 1.0, 0.0))
+                tl.store(stats_ptr + 3 * N + row, tl.where(ok, log_sum_sq, float("nan")))
 
 
 @triton.jit
@@ -163,12 +192,16 @@ def _logprobs_bwd_kernel(
     dlogits_ptr,
     stride_logits_b, stride_logits_t, stride_dlogits_b, stride_dlogits_t,  # strides
     T, V, NUM_BLOCKS, ignore_index, inv_temperature,  # sizes and scalars
+    vocab_start,  # SHARDED: the global column of this shard's column 0
     HAS_GRAD_LOGPS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SHARDED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     # One program per (row, block of BLOCK_V columns), row-major so that consecutive programs touch
     # consecutive memory: reads the block of logits (not for an ignored row), writes its gradient.
+    # SHARDED: the logits are one vocabulary shard, lse and entropy the whole row's (combined); the label is
+    # global (its one-hot only where this shard holds it), and a bad label's NaN row is already in lse.
     pid = tl.program_id(0).to(tl.int64)
     row = pid // NUM_BLOCKS
     cols = (pid - row * NUM_BLOCKS).to(tl.int32) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -182,8 +215,12 @@ def _logprobs_bwd_kernel(
     else:
         x_ptrs = logits_ptr + r * stride_logits_b + pos * stride_logits_t + cols
         x = tl.load(x_ptrs, mask=mask, other=-float("inf")).to(tl.float32)
-        # A bad label is a NaN row (the forward's lse is NaN there too, as for the rows of NaN or +inf)
-        lse = tl.where((label >= 0) & (label < V), tl.load(lse_ptr + row), float("nan"))
+        if SHARDED:
+            label = label - vocab_start
+            lse = tl.load(lse_ptr + row)
+        else:
+            # A bad label is a NaN row (the forward's lse is NaN there too, as for the rows of NaN or +inf)
+            lse = tl.where((label >= 0) & (label < V), tl.load(lse_ptr + row), float("nan"))
         # z - lse in one rounding (FMA): p carries only the error of lse's own fp32 rounding. z - lse is
         # <= 0 but for that rounding: clamped at 0 (NaN kept), p <= 1 at any magnitude.
         t = tl.fma(x, inv_temperature, -lse)
@@ -218,6 +255,25 @@ def _int64(labels: torch.Tensor) -> torch.Tensor:
     return labels.to(torch.int64).reshape(-1).contiguous()
 
 
+def _launch_fwd(logits, labels, logps, lse, out, *, ignore_index, temperature, return_stats, vocab_start, V_total):
+    """One launch of the forward kernel: finalized outputs (vocab_start None) or a shard's partials into `out`."""
+    N, T, V, strides = _layout(logits, labels)
+    if N == 0:
+        return
+    BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
+    if any(s % 16 for s in strides):  # not specialised as 16-divisible: scalar loads
+        BLOCK_V, num_warps = scalar_load_config(BLOCK_V, num_warps, logits.dtype)
+    VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
+    k = max(V_total - 1, 1).bit_length()  # 2^k >= V: the mean's sum of x 2^-k never overflows
+    _logprobs_fwd_kernel[(N,)](
+        logits, _int64(labels), logps, lse, out,
+        *strides,
+        N, T, V, ignore_index, 1.0 / temperature, 2.0 * LOG2E / temperature, 2.0**-k, 2.0**k / V_total,
+        vocab_start or 0,
+        RETURN_STATS=return_stats, PARTIAL=vocab_start is not None, BLOCK_V=BLOCK_V, VEC=VEC, num_warps=num_warps,
+    )  # fmt: skip
+
+
 def logprobs_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -233,25 +289,40 @@ def logprobs_fwd(
     is_top1 (1.0 / 0.0), log sum_v p_v^2. All on logits / temperature. 0 everywhere at ignored rows;
     NaN (is_top1 0) at NaN rows and labels outside [0, V) (the module docstring's policy).
     """
-    N, T, V, strides = _layout(logits, labels)
-    labels = _int64(labels)
+    N, _, V, _ = _layout(logits, labels)
     logps = empty_f32(N, device=logits.device)
     lse = empty_f32(N, device=logits.device)
     stats = empty_f32(4, N, device=logits.device) if return_stats else None
-    if N == 0:
-        return logps, lse, stats
-    BLOCK_V, num_warps = logprobs_launch_config(V, logits.dtype, stats=return_stats)
-    if any(s % 16 for s in strides):  # not specialised as 16-divisible: scalar loads
-        BLOCK_V, num_warps = scalar_load_config(BLOCK_V, num_warps, logits.dtype)
-    VEC = min(BLOCK_V, 16 // logits.element_size())  # columns in 16 bytes
-    k = max(V - 1, 1).bit_length()  # 2^k >= V: the mean's sum of x 2^-k never overflows
-    _logprobs_fwd_kernel[(N,)](
-        logits, labels, logps, lse, stats if return_stats else logps,
-        *strides,
-        N, T, V, ignore_index, 1.0 / temperature, 2.0 * LOG2E / temperature, 2.0**-k, 2.0**k / V,
-        RETURN_STATS=return_stats, BLOCK_V=BLOCK_V, VEC=VEC, num_warps=num_warps,
-    )  # fmt: skip
+    options = dict(ignore_index=ignore_index, temperature=temperature, return_stats=return_stats)
+    _launch_fwd(logits, labels, logps, lse, stats if return_stats else logps, **options, vocab_start=None, V_total=V)
     return logps, lse, stats
+
+
+def logprobs_partial_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    return_stats: bool = False,
+) -> torch.Tensor:
+    """The per-row partials of one vocabulary shard, for a combine across shards (`dpo_kernels.parallel`).
+
+    logits [R, T, V_shard] or [N, V_shard] hold the global columns [vocab_start, vocab_start + V_shard) of a
+    vocabulary of `vocab_size`; labels are global ([N] or [R, T], any integer dtype). Returns fp32 [3, N], or
+    [7, N] with return_stats (`parallel.PARTIALS` names the rows), on z = logits / temperature: the shard's max m,
+    Σ e with e = exp(z − m), the label's z where this shard holds the label (else 0); with stats Σ e·(z − m), Σ e², the
+    shard's part of the mean logit (Σ z / vocab_size) and the max of z over the shard's columns before the label
+    (−inf where there are none; is_top1's first-argmax rule). Ignored rows: 0 everywhere, not read. A NaN or +inf
+    logit makes Σ e NaN; a shard of −inf only gives m = −inf, Σ e = 0.
+    """
+    N, _, V, _ = _layout(logits, labels)
+    out = empty_f32(7 if return_stats else 3, N, device=logits.device)
+    options = dict(ignore_index=ignore_index, temperature=temperature, return_stats=return_stats)
+    _launch_fwd(logits, labels, out, out, out, **options, vocab_start=int(vocab_start), V_total=int(vocab_size))
+    return out
 
 
 def logprobs_bwd(
@@ -266,6 +337,7 @@ def logprobs_bwd(
     entropy: torch.Tensor | None = None,
     inplace: bool = False,
     out: torch.Tensor | None = None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """d(sum_i grad_logps[i] logp[i] + grad_entropy[i] entropy[i]) / d logits, in the logits' dtype.
 
@@ -274,6 +346,9 @@ def logprobs_bwd(
     (a new contiguous tensor) with zero rows at ignored labels; with inplace=True it is written into the
     logits' own storage (same strides, nothing outside the view touched) and the logits are returned; with
     `out` (the logits' shape and dtype, unit vocab stride, e.g. a window of a larger gradient) it is written there.
+    With `vocab_start` the logits are the vocabulary shard that starts at that global column, the labels global,
+    and lse / entropy the whole rows' (combined from `logprobs_partial_fwd`'s partials): the shard's part of the
+    gradient, with no communication.
     """
     N, T, V, strides = _layout(logits, labels)
     labels = _int64(labels)
@@ -298,8 +373,8 @@ def logprobs_bwd(
         lse if entropy is None else entropy.contiguous(),
         dlogits,
         *strides, *d_strides,
-        T, V, num_blocks, ignore_index, 1.0 / temperature,
+        T, V, num_blocks, ignore_index, 1.0 / temperature, vocab_start or 0,
         HAS_GRAD_LOGPS=grad_logps is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK_V=BLOCK_V, num_warps=num_warps,
+        SHARDED=vocab_start is not None, BLOCK_V=BLOCK_V, num_warps=num_warps,
     )  # fmt: skip
     return dlogits
