@@ -148,8 +148,8 @@ def _targets_output_layer(model, peft_config) -> bool:
     from peft import PeftConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    if not isinstance(peft_config, PeftConfig):  # TRL's TypeError says what it must be
-        return False
+    if not isinstance(peft_config, PeftConfig) or not hasattr(peft_config, "target_modules"):
+        return False  # not a PeftConfig: TRL's TypeError says what it must be; prompt learning: refused later
     head = model.get_output_embeddings()
     names = [name for name, module in model.named_modules() if module is head]
     return any(check_target_module_exists(peft_config, name) for name in names)
