@@ -160,29 +160,28 @@ struct RowSums {
 };
 
 // One row: online max and sums over CHUNK-sized pieces; `buf` holds the current piece as fp32 x = logits / T.
-// before_col <= 0 skips the max before a column (only the partial mode needs it).
-template <typename T>
+// kBefore (the partial mode): also the max of x over the columns before `before_col`, in the max's own simd loop
+// (a loop of its own after it changed how GCC vectorised the sums below, and so their rounding, with the label).
+template <typename T, bool kBefore>
 DPO_INLINE RowSums row_sums(const T* x_row, int64_t V, float inv_t, bool want_stats, int64_t before_col,
                             float* buf) {
   RowSums r;
   for (int64_t start = 0; start < V; start += CHUNK) {
     const int64_t n = std::min(CHUNK, V - start);
     const T* src = x_row + start;
-    float c_max = -INF, c_x = 0.f;
-#pragma omp simd reduction(max : c_max) reduction(+ : c_x)
+    const int64_t before_n = before_col - start;  // the piece's columns before before_col: [0, before_n)
+    float c_max = -INF, c_x = 0.f, c_before = -INF;
+#pragma omp simd reduction(max : c_max, c_before) reduction(+ : c_x)
     for (int64_t i = 0; i < n; ++i) {
       float x = to_f32(src[i]) * inv_t;
       buf[i] = x;
       c_max = std::max(c_max, x);
       c_x += x * SUM_SCALE;
+      if constexpr (kBefore) c_before = std::max(c_before, i < before_n ? x : -INF);
     }
     // Σx also detects NaN, which the max may drop: a NaN anywhere makes it NaN (checked after the loop).
     r.s_x += c_x;
-    if (before_col >= start + n) {
-      r.before = std::max(r.before, c_max);
-    } else if (before_col > start) {  // the piece that holds the label's column
-      for (int64_t i = 0; i < before_col - start; ++i) r.before = std::max(r.before, buf[i]);
-    }
+    if constexpr (kBefore) r.before = std::max(r.before, c_before);
     if (c_max == -INF) continue;  // a piece of −inf logits adds nothing (and exp(−inf − (−inf)) would be NaN)
     float& m = r.m;
     if (c_max > m) {
@@ -242,7 +241,7 @@ DPO_INLINE void fwd_row(const FwdArgs& a, int64_t row, float* buf) {
   }
   const T* x_row = static_cast<const T*>(a.logits) + a.logits_rows.offset(row);  // int64: N·V passes 2^31
   const float inv_t = a.inv_temperature;
-  const RowSums r = row_sums<T>(x_row, V, inv_t, want_stats, 0, buf);
+  const RowSums r = row_sums<T, false>(x_row, V, inv_t, want_stats, 0, buf);
   const double l = r.l;
 
   // A NaN or +inf logit makes l NaN (and Σx NaN: the max may drop a NaN), a row of −inf only leaves l = 0.
@@ -277,8 +276,10 @@ DPO_INLINE void partial_row(const FwdArgs& a, int64_t row, float* buf) {
   const int64_t y = label - a.vocab_start;  // the shard's column of the label
   const bool owned = y >= 0 && y < a.V;
   // before_col: the label's column, clamped to [0, V] (a label past the shard: all of it is before)
-  const int64_t before_col = want_stats ? std::clamp<int64_t>(y, 0, a.V) : 0;
-  const RowSums r = row_sums<T>(x_row, a.V, a.inv_temperature, want_stats, before_col, buf);
+  const int64_t before_col = std::clamp<int64_t>(y, 0, a.V);
+  // The stats loop with or without stats: its Σe rounds differently from the plain loop's, and a call without stats
+  // (a reference model's) must give the very Σe of one with (the policy's), so that equal models give equal log-probs.
+  const RowSums r = row_sums<T, true>(x_row, a.V, a.inv_temperature, true, before_col, buf);
   const float l = std::isnan(r.s_x) ? NAN_F : static_cast<float>(r.l);  // the max may drop a NaN, Σx does not
   out[row] = r.m;
   out[a.N + row] = l;
