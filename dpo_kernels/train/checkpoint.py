@@ -70,15 +70,18 @@ def set_rng_state(state: dict) -> None:
         numpy.random.set_state(state["numpy"])
 
 
-def save(output_dir: str | Path, step: int, policy, tokenizer, state: dict, keep: int) -> Path:
+def save(
+    output_dir: str | Path, step: int, policy, tokenizer, state: dict, keep: int, weights: dict | None = None
+) -> Path:
     """Writes checkpoint-<step> (to a temporary folder, then renamed) and removes all but the last `keep` (0: keep
-    all). Returns its path."""
+    all); `weights`: the policy's whole state dict when its parameters are sharded (`model.full_state_dict`).
+    Returns its path."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
     summary = {k: state[k] for k in ("phase", "phase_step", "step", "skipped_steps")}

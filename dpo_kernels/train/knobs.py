@@ -66,6 +66,14 @@ class Knobs:
         "warm-up and the held-out table stay ours; TRL tokenizes the text itself, so its rows can differ "
         "slightly from ours; needs pip install dpo-kernels[trl])",
     )
+    # multi-process (torchrun; NCCL on GPUs, gloo on CPUs): data parallel (DDP) unless one of these shards the model
+    tp: int = knob(
+        1,
+        "tensor parallelism over N processes (torchrun --nproc-per-node N): the output layer (and a tied embedding) "
+        "sharded over the vocabulary with torch's ColwiseParallel / RowwiseParallel, the log-probs and the loss from "
+        "dpo_kernels.parallel (two all-reduces per call, the logits never gathered); every rank sees the same batch",
+    )
+    fsdp: bool = knob(False, "FSDP2 under torchrun: fully_shard each decoder layer, then the whole model")
     # torch's default is a thread per core; on a small CPU shared with other work, threads that wait
     # for each other at every op cost far more than they bring to a model this small
     cpu_threads: int = knob(1, "torch threads when training on the CPU (0: torch's default)")
@@ -258,6 +266,12 @@ def check_knobs(knobs: Knobs) -> None:
     for name in ("eval_steps", "save_steps", "save_total_limit", "sft_steps", "ref_model_sync_steps"):
         if getattr(knobs, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(knobs, name)}")
+    if knobs.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {knobs.tp}")
+    if knobs.tp > 1 and knobs.fsdp:
+        raise ValueError("--tp and --fsdp exclude each other: shard the output layer (--tp) or every layer (--fsdp)")
+    if (knobs.tp > 1 or knobs.fsdp) and knobs.trainer != "ours":
+        raise ValueError("--tp and --fsdp work with --trainer ours (TRL's trainer shards the model its own way)")
     if knobs.max_steps is not None and knobs.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {knobs.max_steps}")
     if knobs.num_train_epochs < 0:

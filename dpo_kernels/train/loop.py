@@ -5,6 +5,8 @@ against a reference model, on the bundled HH-RLHF harmless pairs by default.
     python -m dpo_kernels.train --model PATH --loss-type sigmoid sft --loss-weights 1 0.2
     python -m dpo_kernels.train --save-steps 50 ... ; python -m dpo_kernels.train --resume latest ...
     torchrun --nproc-per-node 8 -m dpo_kernels.train --model PATH --padding-free
+    torchrun --nproc-per-node 2 -m dpo_kernels.train --tp 2     # the output layer sharded over the vocabulary
+    torchrun --nproc-per-node 2 -m dpo_kernels.train --fsdp     # FSDP2
     python -m dpo_kernels.train --trainer trl   # the DPO phase in TRL's DPOTrainer (trl_phase.py), with our loss
 
 The knobs are in knobs.py, checkpoints in checkpoint.py. A run is exactly resumable: SIGINT or SIGTERM finishes the
@@ -31,7 +33,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dpo_kernels as dk
@@ -49,7 +51,15 @@ from dpo_kernels.train.data import (
     tokenize_pairs,
 )
 from dpo_kernels.train.knobs import DEFAULT_MAX_STEPS, TRL_DEFAULT_SYNC_STEPS, Knobs, check_knobs
-from dpo_kernels.train.model import Backbone, check_packing, load_model, load_tokenizer
+from dpo_kernels.train.model import (
+    Backbone,
+    check_packing,
+    full_state_dict,
+    fully_shard_model,
+    load_model,
+    load_tokenizer,
+    tensor_parallel,
+)
 
 log = logging.getLogger("dpo_kernels.train")
 
@@ -71,6 +81,8 @@ SAME_ON_RESUME = (
     "gradient_accumulation_steps",
     "sft_steps",
     "precompute_ref_log_probs",
+    "tp",
+    "fsdp",
 )
 
 
@@ -102,6 +114,19 @@ class Run:
     rank: int = 0
     world: int = 1
     resume: Path | None = None  # the checkpoint to resume from
+    mesh: typing.Any = None  # --tp / --fsdp: the 1-D device mesh of all the ranks
+    attn: str | None = None  # the attention implementation the policy was loaded with
+
+    @property
+    def sharded(self) -> bool:
+        """The parameters are DTensors (--tp, --fsdp): no DDP, gathered to save."""
+        return self.mesh is not None
+
+    @property
+    def data_ranks(self) -> tuple[int, int]:
+        """(this rank's index, the number of ranks) among those that see different batches: every rank but under
+        --tp, where all see the same."""
+        return (0, 1) if self.knobs.tp > 1 else (self.rank, self.world)
 
 
 def prepare(knobs: Knobs) -> Run:
@@ -125,6 +150,11 @@ def prepare(knobs: Knobs) -> Run:
     if "wandb" in knobs.report_to and importlib.util.find_spec("wandb") is None:
         raise ValueError("--report-to wandb needs the wandb package: pip install wandb")
     resume = None
+    if knobs.resume_from_checkpoint and (knobs.tp > 1 or knobs.fsdp):
+        raise ValueError(
+            "--resume-from-checkpoint does not work with --tp / --fsdp yet: their checkpoints hold the model "
+            "(save_pretrained) but not the sharded optimizer and reference"
+        )
     if knobs.resume_from_checkpoint:
         resume = checkpoint.resolve(knobs.resume_from_checkpoint, knobs.output_dir)
         check_same_knobs(knobs, resume)
@@ -136,6 +166,13 @@ def prepare(knobs: Knobs) -> Run:
         )
     train_ds, eval_ds, eval_name = load_datasets(knobs)
     rank, world, device = init_distributed()
+    if knobs.tp > 1 and world != knobs.tp:
+        raise ValueError(
+            f"--tp {knobs.tp} runs on exactly {knobs.tp} processes (torchrun --nproc-per-node {knobs.tp}), got "
+            f"{world}: data parallelism across tensor-parallel groups is not supported yet"
+        )
+    if knobs.fsdp and world == 1:
+        raise ValueError("--fsdp needs torchrun with 2 or more processes")
     if knobs.bf16 is None:
         knobs.bf16 = device.type == "cuda"
     tokenizer = load_tokenizer(knobs.model, knobs.cache_dir)
@@ -147,7 +184,7 @@ def prepare(knobs: Knobs) -> Run:
     )
     train_pairs = tokenize(train_ds, name=knobs.train_file)
     eval_pairs = tokenize(eval_ds, name=eval_name)
-    per_step = knobs.per_device_train_batch_size * world
+    per_step = knobs.per_device_train_batch_size * (1 if knobs.tp > 1 else world)
     if len(train_pairs) < per_step:
         raise ValueError(
             f"{knobs.train_file}: {len(train_pairs)} pairs, fewer than one batch of {per_step} "
@@ -170,7 +207,35 @@ def prepare(knobs: Knobs) -> Run:
     if knobs.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = Backbone(policy) if knobs.head == "fused" else policy
-    return Run(knobs, tokenizer, policy, model, train_ds, eval_ds, train_pairs, eval_pairs, device, rank, world, resume)
+    run = Run(knobs, tokenizer, policy, model, train_ds, eval_ds, train_pairs, eval_pairs, device, rank, world, resume)
+    run.attn = attn
+    if knobs.tp > 1 or knobs.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        run.mesh = init_device_mesh(device.type, (world,))
+        shard_model(run, model, policy)
+    return run
+
+
+def shard_model(run: Run, model: torch.nn.Module, lm: torch.nn.Module) -> None:
+    """--tp: the output layer sharded over the vocabulary; --fsdp: FSDP2 over the decoder layers and `model`."""
+    if run.knobs.tp > 1:
+        tensor_parallel(lm, run.mesh)
+    else:
+        fully_shard_model(model, lm, run.mesh)
+
+
+def reference_model(run: Run) -> torch.nn.Module:
+    """A frozen copy of the policy as it is now (after SFT): a deep copy, or under --fsdp (whose modules cannot be
+    copied) a fresh model loaded with the gathered weights and sharded alike."""
+    if not run.knobs.fsdp:
+        return copy.deepcopy(run.model)
+    weights = full_state_dict(run.policy)
+    lm = load_model(run.knobs.model, run.tokenizer, run.knobs.max_length, run.attn).to(run.device)
+    lm.load_state_dict(weights)
+    model = Backbone(lm) if run.knobs.head == "fused" else lm
+    shard_model(run, model, lm)
+    return model
 
 
 def load_datasets(knobs: Knobs) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -245,17 +310,27 @@ def fused_head(model) -> dict | None:
     return model.head() if isinstance(model, Backbone) else None
 
 
+def losses_of(knobs: Knobs):
+    """The module of the log-prob and loss functions: dpo_kernels, or under --tp dpo_kernels.parallel (the same
+    functions on logits / an output layer sharded over the vocabulary)."""
+    if knobs.tp > 1:
+        from dpo_kernels import parallel
+
+        return parallel
+    return dk
+
+
 def token_logps(model, batch: dict, knobs: Knobs) -> torch.Tensor:
     """Per-token log-probs of the labels: through the fused head, or from the logits."""
-    out, head = forward(model, batch, knobs.bf16), fused_head(model)
+    out, head, lib = forward(model, batch, knobs.bf16), fused_head(model), losses_of(knobs)
     if head:
-        return dk.linear_token_logps(out, labels=batch["labels"], **head, backend=knobs.backend)
-    return dk.token_logps(out, batch["labels"], backend=knobs.backend)
+        return lib.linear_token_logps(out, labels=batch["labels"], **head, backend=knobs.backend)
+    return lib.token_logps(out, batch["labels"], backend=knobs.backend)
 
 
 def dpo_loss(model, batch: dict, ref_chosen, ref_rejected, knobs: Knobs):
-    out, head = forward(model, batch, knobs.bf16), fused_head(model)
-    loss_fn = partial(dk.dpo_loss_from_hidden, **head) if head else dk.dpo_loss_from_logits
+    out, head, lib = forward(model, batch, knobs.bf16), fused_head(model), losses_of(knobs)
+    loss_fn = partial(lib.dpo_loss_from_hidden, **head) if head else lib.dpo_loss_from_logits
     # labels are shifted (labels[t] is the token at t + 1, -100 at each row's end): they line up with
     # the logits or hidden states as they are, no copy
     return loss_fn(
@@ -341,20 +416,22 @@ class Reference:
 
 class Batches:
     """Training batches without end, reshuffled every epoch, each rank its share of the pairs. Resumable: its state
-    is the epoch, the shuffling generator's state at the epoch's start and the batches taken in the epoch."""
+    is the epoch, the shuffling generator's state at the epoch's start and the batches taken in the epoch.
+
+    One shuffled order for any number of ranks: a step's global batch is the next `per_device_train_batch_size`
+    times the data-parallel ranks pairs, split among them in rank order, so that a run on R ranks sees the global
+    batches of one process with R times the batch size (under --tp every rank takes the whole global batch)."""
 
     def __init__(self, run: Run):
         knobs = run.knobs
-        self.sampler = None
-        if run.world > 1:
-            self.sampler = DistributedSampler(run.train_pairs, seed=knobs.seed, drop_last=True)
+        self.size = knobs.per_device_train_batch_size
+        self.data_rank, data_ranks = run.data_ranks
         self.generator = torch.Generator().manual_seed(knobs.seed)
         # pairs are collated when taken, so that skipping to a resumed position costs nothing
         self.loader = DataLoader(
             run.train_pairs,
-            knobs.per_device_train_batch_size,
-            shuffle=self.sampler is None,
-            sampler=self.sampler,
+            self.size * data_ranks,
+            shuffle=True,
             generator=self.generator,
             collate_fn=list,
             drop_last=True,
@@ -368,8 +445,6 @@ class Batches:
     def __next__(self) -> dict:
         if self.iterator is None:
             self.epoch_start = self.generator.get_state()
-            if self.sampler is not None:
-                self.sampler.set_epoch(self.epoch)
             self.iterator = iter(self.loader)
             for _ in range(self.taken):
                 next(self.iterator)
@@ -378,7 +453,7 @@ class Batches:
             self.epoch, self.taken, self.iterator = self.epoch + 1, 0, None
             return next(self)
         self.taken += 1
-        return self.collate(pairs)
+        return self.collate(pairs[self.data_rank * self.size : (self.data_rank + 1) * self.size])
 
     def state_dict(self) -> dict:
         start = self.epoch_start if self.iterator is not None else self.generator.get_state()
@@ -390,9 +465,11 @@ class Batches:
 
 
 def eval_batches(run: Run, pairs: list[dict], stripe: bool = True) -> DataLoader:
-    """Batches in order; with `stripe`, rank r gets pairs r, r + world, ... (sums all-reduced)."""
+    """Batches in order; with `stripe`, data rank r of R gets pairs r, r + R, ... (sums all-reduced; under --tp
+    every rank takes all of them, and the all-reduced sums and pair counts both count each pair tp times)."""
+    data_rank, data_ranks = run.data_ranks
     return DataLoader(
-        pairs[run.rank :: run.world] if stripe else pairs,
+        pairs[data_rank::data_ranks] if stripe else pairs,
         run.knobs.per_device_eval_batch_size,
         collate_fn=collate_fn(run),
     )
@@ -464,7 +541,8 @@ class Metrics:
     def flush(self, phase: str, step: int, **extra: float) -> None:
         means = {key: sum(values) / len(values) for key, values in self.window.items()}
         record = all_reduce(means, self.run, average=True)
-        record["num_tokens"] = all_reduce({"n": self.num_tokens}, self.run)["n"]
+        # under --tp the ranks count the same tokens: divided by tp, as TRL does
+        record["num_tokens"] = all_reduce({"n": self.num_tokens}, self.run)["n"] / self.run.knobs.tp
         self.window.clear()
         self.write({"phase": phase, "step": step, **record, **extra})
 
@@ -597,7 +675,7 @@ class Trainer:
         self.metrics = Metrics(run, resumed_metrics)
         self.batches = Batches(run)
         self.model = run.model
-        if run.world > 1:
+        if run.world > 1 and not run.sharded:  # --tp / --fsdp: the gradients are the shards' own (no DDP)
             ids = [run.device.index] if run.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
         self.reference: Reference | None = None
@@ -620,7 +698,7 @@ class Trainer:
         else:
             step = knobs.sft_steps
 
-        self.reference = Reference(copy.deepcopy(run.model), run)
+        self.reference = Reference(reference_model(run), run)
         if resumed is not None:  # in DPO: the reference and the metrics before it come from the checkpoint
             self.reference.load_state_dict(resumed["reference"])
             self.before = resumed["before"]
@@ -642,16 +720,19 @@ class Trainer:
             step = self.optimize(dpo, self.batches, "dpo", knobs.max_steps, knobs.learning_rate, step)
         after = self.evaluate(step, "after")
         self.metrics.close()
+        weights = full_state_dict(run.policy) if run.sharded else None  # every rank takes part in the gathers
 
         if run.rank == 0:
             print(results_table(self.before, after, len(run.eval_pairs)))
-            run.policy.save_pretrained(knobs.output_dir)
+            run.policy.save_pretrained(knobs.output_dir, state_dict=weights)
             run.tokenizer.save_pretrained(knobs.output_dir)
             if knobs.plot:
                 from dpo_kernels.train.plots import plot_curves
 
                 plot_curves(self.metrics.records, Path(knobs.output_dir) / "curves.png")
             log.info("saved the model, tokenizer and metrics in %s", knobs.output_dir)
+        if run.world > 1:  # no rank leaves (and tears the process group down) while rank 0 still writes
+            dist.barrier()
         return {"before": self.before, "after": after}
 
     def optimize(self, loss_fn, batches, phase: str, steps: int, lr: float, step: int) -> int:
@@ -673,13 +754,15 @@ class Trainer:
             losses = []
             for micro in range(1, knobs.gradient_accumulation_steps + 1):
                 batch = to_device(next(batches), run.device)
-                no_sync = run.world > 1 and micro < knobs.gradient_accumulation_steps  # all-reduce the last one
-                with self.model.no_sync() if no_sync else contextlib.nullcontext():
+                last = micro == knobs.gradient_accumulation_steps  # the gradients are reduced on the last one
+                with self.grad_sync(last):
                     loss, values = loss_fn(batch)
                     (loss / knobs.gradient_accumulation_steps).backward()
                 losses.append(loss.detach())
                 self.metrics.add({"loss": loss.detach(), **values}, num_tokens(batch))
-            if knobs.max_grad_norm > 0:
+            if run.sharded:
+                grad_norm = sharded_grad_norm(params, knobs.max_grad_norm, run)
+            elif knobs.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, knobs.max_grad_norm)
             else:  # no clipping, as in HF and TRL
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -728,6 +811,15 @@ class Trainer:
                 )
         return step + steps
 
+    def grad_sync(self, last: bool):
+        """The context of a micro-batch's backward: DDP and FSDP2 reduce the gradients on the last micro-batch only
+        (--tp has nothing to reduce: the ranks' gradients are their shards', or the same everywhere)."""
+        if self.run.world == 1 or last or self.knobs.tp > 1:
+            return contextlib.nullcontext()
+        if self.knobs.fsdp:
+            return _fsdp_no_sync(self.model)
+        return self.model.no_sync()
+
     def nonfinite_message(self, phase: str, i: int, run_step: int, loss: float, grad_norm: float) -> str:
         last = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
         return (
@@ -738,14 +830,20 @@ class Trainer:
         )
 
     def save(self, phase: str, phase_step: int, step: int, state: dict) -> None:
-        """A checkpoint of everything the loop holds at global step `step` (rank 0 writes it)."""
+        """A checkpoint of everything the loop holds at global step `step` (rank 0 writes it). Under --tp / --fsdp
+        the model's weights are gathered whole (a normal save_pretrained folder), but the sharded optimizer and
+        reference are left out: such a checkpoint is a model, not a point to resume from."""
+        weights = None
+        if self.run.sharded:
+            weights = full_state_dict(self.run.policy)
+            state = {key: None for key in state}
         state = {
             **state,
             "phase": phase,
             "phase_step": phase_step,
             "step": step,
             "skipped_steps": self.skipped,
-            "reference": self.reference.state_dict() if phase == "dpo" else None,
+            "reference": self.reference.state_dict() if phase == "dpo" and not self.run.sharded else None,
             "before": self.before,
             "batches": self.batches.state_dict(),
             "metrics": {**self.metrics.state_dict(), "step": step},
@@ -762,7 +860,13 @@ class Trainer:
         path = None
         if self.run.rank == 0:
             path = checkpoint.save(
-                self.knobs.output_dir, step, self.run.policy, self.run.tokenizer, state, self.knobs.save_total_limit
+                self.knobs.output_dir,
+                step,
+                self.run.policy,
+                self.run.tokenizer,
+                state,
+                self.knobs.save_total_limit,
+                weights=weights,
             )
             knobs_json = Path(self.knobs.output_dir) / "knobs.json"
             (path / "knobs.json").write_text(knobs_json.read_text())
@@ -786,6 +890,8 @@ class Trainer:
                 sums[key] += float(value) * n
             sums["pairs"] += n
         model.train()
+        if run.knobs.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward without backward
+            model.reshard()
         sums = all_reduce(dict(sums), run)
         pairs = sums.pop("pairs")
         result = {key: value / pairs for key, value in sums.items()}
@@ -793,6 +899,35 @@ class Trainer:
             self.before = result
         self.metrics.write({"phase": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}})
         return result
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def sharded_grad_norm(params: list, max_norm: float, run: Run) -> torch.Tensor:
+    """The global gradient norm where parameters are DTensors (--tp, --fsdp), clipped to `max_norm` as
+    clip_grad_norm_ clips (> 0): each sharded gradient's local squares summed over the ranks, a replicated one's
+    (--tp) counted once."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    zero = torch.zeros((), dtype=torch.float32, device=run.device)
+    local = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    sharded = sum((g.float().pow(2).sum() for g in local), zero)
+    dist.all_reduce(sharded)
+    replicated = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), zero)
+    norm = (sharded + replicated).sqrt()
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def train(run: Run) -> dict[str, dict[str, float]]:

@@ -187,3 +187,47 @@ def _tiny_bpe(cache_dir: Path) -> Path:
     tokenizer.save(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def tensor_parallel(lm, mesh) -> None:
+    """`--tp`: the output layer sharded over the vocabulary with torch's tensor-parallel API (ColwiseParallel, its
+    logits a DTensor sharded on the last dim); a tied input embedding sharded alike (RowwiseParallel) and kept the same
+    parameter. The rest of the model stays replicated: every rank runs it on the same batch, and the grad_hidden the
+    sharded loss all-reduces makes its gradients the same on every rank."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    tied = head.weight is embed.weight
+    parallelize_module(head, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    if tied:
+        parallelize_module(embed, mesh, RowwiseParallel(input_layouts=Replicate()))
+        embed.weight = head.weight  # both Shard(0) of [V, H]: one parameter again
+
+
+def fully_shard_model(model, lm, mesh) -> None:
+    """`--fsdp`: FSDP2's fully_shard of each decoder layer, then of `model` (the LM, or its Backbone for the fused
+    head: the module whose forward the loop calls, so that the root's parameters, the output layer among them, are
+    gathered for it and stay so until the backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(lm.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"--fsdp: {type(lm).__name__} has no base_model.layers to shard one by one")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(module) -> dict:
+    """The module's state dict with every DTensor gathered whole (a collective: every rank calls it); tied weights
+    stay one tensor."""
+    from torch.distributed.tensor import DTensor
+
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in module.state_dict(keep_vars=True).items():  # the parameters themselves: tied ones are one
+        if id(value) not in gathered:
+            gathered[id(value)] = (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+        out[name] = gathered[id(value)]
+    return out
