@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import os
 import statistics
 import subprocess
 from collections.abc import Callable, Sequence
@@ -117,19 +118,34 @@ def matmul_rate(device: str) -> float:
     return 2 * n**3 / (med * 1e-3)
 
 
+def _rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def extra_peak_mib(fn: Callable[[], object], device: str) -> float:
-    """Peak memory above what was allocated before the call, the returned tensors included (CUDA
-    only; NaN on CPU)."""
-    if device != "cuda":
+    """Peak memory above what was allocated before the call, the returned tensors included. CUDA: the caching
+    allocator's peak. CPU (Linux): the peak resident set size, reset just before the call (/proc/self/clear_refs),
+    minus the resident size then; run each provider in a fresh process for a clean figure. NaN elsewhere."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return (peak - base) / 2**20
+    if device != "cpu" or not os.path.exists("/proc/self/clear_refs"):
         return math.nan
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    base = _rss_kib("VmRSS")
     out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = _rss_kib("VmHWM")
     del out
-    return (peak - base) / 2**20
+    return (peak - base) / 1024
 
 
 @dataclass

@@ -1,14 +1,14 @@
-"""The public functions: validate once, pick a backend once (`dispatch.pick`), call the kernels as torch custom ops
-(so that torch.compile keeps them in its graph) with their autograd."""
+"""The public functions: validate once (`checks`), pick a backend once (`dispatch.pick`), then one custom op with its
+autograd (`custom_ops`), or the reference (`reference`) on the reference backend."""
 
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 
-from dpo_kernels import checks, chunked, dispatch
+from dpo_kernels import checks, dispatch
+from dpo_kernels import custom_ops as C
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
 from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, SequenceStats, TokenStats
@@ -26,6 +26,51 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     if logits.ndim > 3:
         return logits.reshape(-1, *logits.shape[-2:])
     return logits.reshape(-1, logits.shape[-1])
+
+
+def _unsliced(logits: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """(full, row0, rows) with `logits == full.narrow(-2, row0, rows)`, where `full` is a view of the tensor that
+    `logits` was sliced from (e.g. `outputs.logits` for `outputs.logits[:, :-1]`), when `logits` is such a row window
+    of a contiguous tensor and a gradient will flow; else None.
+
+    The ops then take `full` and write its gradient whole (zeros outside the window): autograd's slice backward,
+    which allocates a zero-filled tensor of the full shape and copies the window's gradient into it, never runs.
+    """
+    base = logits._base
+    if (
+        torch.compiler.is_compiling()  # the compiler's own slice backward is fused
+        or not torch.is_grad_enabled()
+        or logits.grad_fn is None
+        or base is None
+        or not base.requires_grad
+        or not base.is_contiguous()
+        or base.dtype != logits.dtype
+        or logits.ndim not in (2, 3)
+    ):
+        return None
+    V, rows = logits.shape[-1], logits.shape[-2]
+    offset = logits.storage_offset() - base.storage_offset()
+    if logits.stride(-1) != 1 or logits.stride(-2) != V or offset % V or base.numel() % V:
+        return None
+    if logits.ndim == 2:
+        full = base.view(-1, V)
+    elif logits.shape[0] == 1:
+        full = base.view(1, -1, V)
+    elif logits.stride(0) % V == 0 and base.numel() == logits.shape[0] * logits.stride(0):
+        full = base.view(logits.shape[0], -1, V)
+    else:
+        return None
+    row0 = offset // V
+    return (full, row0, rows) if row0 + rows <= full.shape[-2] else None
+
+
+def _operand(logits: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The logits as the ops take them: (full, row0, rows), the launchers reading `full.narrow(-2, row0, rows)`."""
+    window = _unsliced(logits)
+    if window is not None:
+        return window
+    rows = _rows(logits)
+    return rows, 0, rows.shape[-2]
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -57,9 +102,6 @@ def _check_inplace(logits: torch.Tensor, backend: str) -> None:
         )
 
 
-_ENTROPY = STATS.index("entropy")  # the one differentiable stats row
-
-
 def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
     """The kernels' [4, N] stats rows as `TokenStats` shaped like the labels; only the entropy keeps its graph."""
     rows = {name: (row if name == "entropy" else row.detach()).view(shape) for name, row in zip(STATS, stats)}
@@ -68,123 +110,6 @@ def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
 
 # ----------------------------------------------------------------------------------------------------------------
 # token_logps
-
-
-# The forward and backward are torch custom ops, so that torch.compile(fullgraph=True) keeps them in its graph.
-# The in-place backward is an op of its own that declares the mutation of the logits: autograd then refuses a
-# later reader of the overwritten logits instead of letting it read the gradient.
-
-
-@torch.library.custom_op("dpo_kernels::token_logps_fwd", mutates_args=())
-def _token_logps_fwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    backend: str,
-    ignore_index: int,
-    temperature: float,
-    return_stats: bool,
-    inplace_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logps, lse, stats = dispatch.token_kernels(backend).logprobs_fwd(
-        logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
-    )
-    return logps, lse, logps.new_empty(0, logps.shape[0]) if stats is None else stats
-
-
-@_token_logps_fwd.register_fake
-def _(logits, labels, backend, ignore_index, temperature, return_stats, inplace_grad):
-    N = labels.numel()
-    f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return f32(N), f32(N), f32(4 if return_stats else 0, N)
-
-
-@torch.library.custom_op("dpo_kernels::token_logps_bwd", mutates_args=())
-def _token_logps_bwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logps: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    backend: str,
-    ignore_index: int,
-    temperature: float,
-) -> torch.Tensor:
-    return dispatch.token_kernels(backend).logprobs_bwd(
-        logits,
-        labels,
-        lse,
-        grad_logps,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        grad_entropy=grad_entropy,
-        entropy=entropy,
-    )
-
-
-@_token_logps_bwd.register_fake
-def _(logits, labels, lse, grad_logps, grad_entropy, entropy, backend, ignore_index, temperature):
-    return logits.new_empty(logits.shape)  # contiguous, as the launchers return it
-
-
-@torch.library.custom_op("dpo_kernels::token_logps_bwd_", mutates_args=("logits",))
-def _token_logps_bwd_inplace(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logps: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    backend: str,
-    ignore_index: int,
-    temperature: float,
-) -> None:
-    dispatch.token_kernels(backend).logprobs_bwd(
-        logits,
-        labels,
-        lse,
-        grad_logps,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        grad_entropy=grad_entropy,
-        entropy=entropy,
-        inplace=True,
-    )
-
-
-@_token_logps_bwd_inplace.register_fake
-def _(logits, labels, lse, grad_logps, grad_entropy, entropy, backend, ignore_index, temperature):
-    return None
-
-
-def _token_logps_setup(ctx, inputs, output):
-    logits, labels, backend, ignore_index, temperature, _, inplace_grad = inputs
-    _, lse, stats = output
-    ctx.save_for_backward(logits, labels, lse, stats)
-    ctx.options = (backend, ignore_index, temperature)
-    ctx.inplace_grad = inplace_grad
-
-
-def _token_logps_backward(ctx, grad_logps, _grad_lse, grad_stats):
-    logits, labels, lse, stats = ctx.saved_tensors
-    grad_entropy = grad_stats[_ENTROPY] if grad_stats is not None and stats.shape[0] > 0 else None
-    args = (
-        logits,
-        labels,
-        lse,
-        None if grad_logps is None else grad_logps.float().contiguous(),
-        None if grad_entropy is None else grad_entropy.float().contiguous(),
-        None if grad_entropy is None else stats[_ENTROPY],
-    )
-    if ctx.inplace_grad:
-        _token_logps_bwd_inplace(*args, *ctx.options)
-        dlogits = logits
-    else:
-        dlogits = _token_logps_bwd(*args, *ctx.options)
-    return dlogits, None, None, None, None, None, None
-
-
-_token_logps_fwd.register_autograd(_token_logps_backward, setup_context=_token_logps_setup)
 
 
 def token_logps(
@@ -201,14 +126,17 @@ def token_logps(
 
     Args:
         logits: [..., V] float16 / bfloat16 / float32 (float64 runs on the reference backend). [N, V] and
-            [B, T, V] with any batch and row strides (e.g. `logits[:, :-1]`) are read in place; more leading dims
-            are merged (a copy where they cannot be viewed), and a vocabulary stride other than 1 costs a copy.
+            [B, T, V] with any batch and row strides (e.g. `logits[:, :-1]`) are read in place, and the gradient
+            of a row window of a contiguous tensor (`outputs.logits[:, :-1]`) is written for the whole tensor at
+            once (zeros outside the window) instead of through autograd's zero-filled slice backward; more leading
+            dims are merged (a copy where they cannot be viewed), and a vocabulary stride other than 1 costs a copy.
         labels: [...] integer, in [0, V) or `ignore_index`; ignored positions get exactly 0 and no gradient.
         temperature: the logits are divided by it (TRL's DPO uses 1.0).
         return_stats: also return `TokenStats` (entropy, mean logit, is_top1 with TRL's first-argmax tie rule,
             log Σ p²); only the entropy carries a gradient.
-        inplace_grad: the backward writes the logits' gradient into the logits' own storage, so the extra memory
-            is O(N). The caller promises not to read the logits after the backward.
+        inplace_grad: the backward writes the logits' gradient into the logits' own storage (for a row window,
+            into the whole tensor it was sliced from), so the extra memory is O(N). The caller promises not to read
+            the logits after the backward.
         backend: "triton", "cpu" or "reference" to override the automatic choice.
 
     Returns:
@@ -226,8 +154,10 @@ def token_logps(
         return R.token_logps(
             logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats
         )
-    rows, flat_labels = _rows(logits), labels.reshape(-1).long()
-    logps, _, stats = _token_logps_fwd(rows, flat_labels, chosen, ignore_index, temperature, return_stats, inplace_grad)
+    operand, flat_labels = _operand(logits), labels.reshape(-1).long()
+    logps, _, stats = C.token_logps_fwd(
+        *operand, flat_labels, chosen, ignore_index, temperature, return_stats, inplace_grad
+    )
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps
@@ -236,78 +166,6 @@ def token_logps(
 
 # ----------------------------------------------------------------------------------------------------------------
 # sequence_logps
-
-
-def _seq_starts(shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """Start offsets [S+1] of every sequence in the flattened tokens (padded rows or packed cu_seqlens)."""
-    if cu_seqlens is not None:
-        return cu_seqlens.to(torch.int64)
-    S, T = shape
-    return torch.arange(S + 1, device=device, dtype=torch.int64) * T
-
-
-# The Triton segment sums are torch custom ops as well (torch.compile keeps them in its graph). Sums are float64.
-
-
-@torch.library.custom_op("dpo_kernels::segments_fwd", mutates_args=())
-def _segments_fwd(
-    values: torch.Tensor, labels: torch.Tensor, seq_starts: torch.Tensor, ignore_index: int, ld_alpha: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from dpo_kernels.ops import segments
-
-    return segments.segments_fwd(values, labels, seq_starts, ignore_index=ignore_index, ld_alpha=ld_alpha)
-
-
-@_segments_fwd.register_fake
-def _(values, labels, seq_starts, ignore_index, ld_alpha):
-    S = seq_starts.shape[0] - 1
-    return values.new_empty(values.shape[0] + 1, S, dtype=torch.float64), values.new_empty(S, dtype=torch.int64)
-
-
-@torch.library.custom_op("dpo_kernels::segments_bwd", mutates_args=())
-def _segments_bwd(
-    grad_weighted: torch.Tensor,
-    grad_plain: torch.Tensor,
-    labels: torch.Tensor,
-    seq_starts: torch.Tensor,
-    n_tokens: torch.Tensor,
-    ignore_index: int,
-    ld_alpha: float | None,
-) -> torch.Tensor:
-    from dpo_kernels.ops import segments
-
-    return segments.segments_bwd(
-        grad_weighted, grad_plain, labels, seq_starts, n_tokens, ignore_index=ignore_index, ld_alpha=ld_alpha
-    )
-
-
-@_segments_bwd.register_fake
-def _(grad_weighted, grad_plain, labels, seq_starts, n_tokens, ignore_index, ld_alpha):
-    return labels.new_empty(labels.shape, dtype=torch.float32)
-
-
-def _spread(grad_sums, labels, seq_starts, n_tokens, ignore_index, ld_alpha) -> torch.Tensor:
-    """∂/∂(token values) [C, N] of the segment sums [C+1, S] (row 0 LD-weighted, row 1 plain, rows 2.. stats)."""
-    grad_sums = grad_sums.float()
-    rows = [_segments_bwd(grad_sums[0], grad_sums[1], labels, seq_starts, n_tokens, ignore_index, ld_alpha)]
-    if grad_sums.shape[0] > 2:  # stats sums: each scored token's value enters its sequence's plain sum once
-        seg = torch.repeat_interleave(torch.diff(seq_starts), output_size=labels.shape[0])
-        rows.append(grad_sums[2:, seg] * (labels != ignore_index))
-    return torch.cat([rows[0][None], *rows[1:]])
-
-
-def _segments_setup(ctx, inputs, output):
-    _, labels, seq_starts, ignore_index, ld_alpha = inputs
-    ctx.save_for_backward(labels, seq_starts, output[1])
-    ctx.options = (ignore_index, ld_alpha)
-
-
-def _segments_backward(ctx, grad_sums, _grad_n):
-    labels, seq_starts, n_tokens = ctx.saved_tensors
-    return _spread(grad_sums, labels, seq_starts, n_tokens, *ctx.options), None, None, None, None
-
-
-_segments_fwd.register_autograd(_segments_backward, setup_context=_segments_setup)
 
 
 def sequence_logps(
@@ -347,14 +205,14 @@ def sequence_logps(
             ignore_index=ignore_index,
         )
     ld_alpha = checks.check_sequences(token_logps, labels_or_mask, cu_seqlens, ignore_index, ld_alpha)
-    seq_starts = _seq_starts(token_logps.shape, cu_seqlens, token_logps.device)
+    seq_starts = C.seq_starts(token_logps.shape, cu_seqlens, token_logps.device)
     # the kernel reads labels: scored → 0, unscored → −1 (its ignore_index), whatever the caller's ignore_index
     mask = R.scored_mask(labels_or_mask, ignore_index).reshape(-1)
     labels = torch.where(mask, 0, -1).long()
     rows = [token_logps.reshape(-1).float()]
     if token_stats is not None:
         rows += [t.reshape(-1).float() for t in token_stats]
-    sums, n_tokens = _segments_fwd(torch.stack(rows), labels, seq_starts, -1, ld_alpha)
+    sums, n_tokens = C.segments_fwd(torch.stack(rows), labels, seq_starts, -1, ld_alpha)
     stats = None
     if token_stats is not None:
         stats = SequenceStats(*sums[2:], n_tokens=n_tokens)
@@ -365,102 +223,11 @@ def sequence_logps(
 # dpo_loss
 
 
-def _config_args(config: L.LossConfig) -> tuple:
-    """A `LossConfig` as the plain arguments a custom op takes (rebuilt by `_config`)."""
-    return (
-        list(config.loss_codes),
-        list(config.loss_weights),
-        config.beta,
-        config.label_smoothing,
-        config.discopop_tau,
-        config.f_divergence_type,
-        config.f_alpha_divergence_coef,
-    )
-
-
-def _config(loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_div, f_alpha) -> L.LossConfig:
-    # already validated by loss_config on the way in
-    names = tuple(L.LOSS_TYPES[code] for code in loss_codes)
-    return L.LossConfig(names, tuple(loss_weights), beta, label_smoothing, discopop_tau, f_div, f_alpha)
-
-
 def _metrics(kernel_metrics: torch.Tensor, stats: SequenceStats | None) -> dict[str, torch.Tensor]:
     metrics = dict(zip(L.REWARD_METRICS, kernel_metrics.unbind(0)))
     if stats is not None:
         metrics.update({k: v.float() for k, v in R.stats_metrics(stats).items()})
     return metrics
-
-
-@torch.library.custom_op("dpo_kernels::dpo_fwd", mutates_args=())
-def _dpo_fwd(
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    sft_sum: torch.Tensor,
-    chosen_lengths: torch.Tensor | None,
-    rejected_lengths: torch.Tensor | None,
-    pair_weights: torch.Tensor | None,
-    sft_count: torch.Tensor | None,
-    loss_codes: list[int],
-    loss_weights: list[float],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-    f_divergence_type: str,
-    f_alpha_divergence_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from dpo_kernels.ops import dpo
-
-    config = _config(
-        loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef
-    )
-    out = dpo.dpo_fwd(
-        pc,
-        pr,
-        rc,
-        rr,
-        config=config,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        pair_weights=pair_weights,
-        sft_sum=sft_sum,
-        sft_count=sft_count,
-    )
-    return out.loss, out.losses, out.grads, out.rewards, out.metrics
-
-
-@_dpo_fwd.register_fake
-def _(pc, pr, rc, rr, sft_sum, chosen_lengths, rejected_lengths, pair_weights, sft_count, loss_codes, *_):
-    B = pc.shape[0]
-    f32 = lambda *shape: pc.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return f32(), f32(len(loss_codes), B), f32(5, B), f32(2, B), f32(len(L.REWARD_METRICS))
-
-
-def _dpo_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-    ctx.needs = tuple(t is not None and t.requires_grad for t in inputs[:5])
-
-
-def _dpo_backward(ctx, grad_loss, *_):
-    (grads,) = ctx.saved_tensors
-    g = grads * grad_loss
-    return (*(g[i] if ctx.needs[i] else None for i in range(5)), *(None,) * 11)
-
-
-_dpo_fwd.register_autograd(_dpo_backward, setup_context=_dpo_setup)
-
-
-def _kernel_loss(
-    pc, pr, rc, rr, config: L.LossConfig, *, lengths, pair_weights, sft_sum, sft_count
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton loss kernel: (loss, losses, rewards [2, B], metrics), fp32; float64 log-probs are read as such."""
-    f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-    nc, nr = (None, None) if lengths is None else (f32(lengths[0]), f32(lengths[1]))
-    loss, losses, _, rewards, metrics = _dpo_fwd(
-        pc, pr, rc, rr, sft_sum, nc, nr, f32(pair_weights), f32(sft_count), *_config_args(config)
-    )
-    return loss, losses, rewards, metrics
 
 
 def dpo_loss(
@@ -532,7 +299,7 @@ def dpo_loss(
     lengths = None if chosen_lengths is None or rejected_lengths is None else (chosen_lengths, rejected_lengths)
     # Without a separate sft sum the chosen log-probs are it: autograd adds both gradients into pc.
     sft_sum = pc if chosen_token_logp_sum is None else chosen_token_logp_sum
-    loss, losses, rewards, metrics = _kernel_loss(
+    loss, losses, rewards, metrics = C.kernel_loss(
         pc.float(),
         pr.float(),
         rc.float(),
@@ -606,7 +373,7 @@ def _loss_from_sequences(
             w = R.wpo_weights(seq)
             pair_weights = w[:B] * w[B:]
         stats = seq.stats if return_stats else None
-        loss, losses, rewards, metrics = _kernel_loss(
+        loss, losses, rewards, metrics = C.kernel_loss(
             seq.logps[:B],
             seq.logps[B:],
             rc,
@@ -631,117 +398,6 @@ def _out_dtype(t: torch.Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------------------------
 # dpo_loss_from_logits
-
-
-# The fused Triton path is one custom op: logits → token log-probs → sequence sums → loss, with the per-token
-# gradient of the (scalar) loss computed in the forward; the backward is one pass over the logits.
-
-
-@torch.library.custom_op("dpo_kernels::dpo_from_logits_fwd", mutates_args=())
-def _dpo_from_logits_fwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    seq_starts: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    ignore_index: int,
-    temperature: float,
-    ld_alpha: float | None,
-    use_weighting: bool,
-    with_stats: bool,
-    inplace_grad: bool,
-    loss_codes: list[int],
-    loss_weights: list[float],
-    beta: float,
-    label_smoothing: float,
-    discopop_tau: float,
-    f_divergence_type: str,
-    f_alpha_divergence_coef: float,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    from dpo_kernels.ops import dpo, logprobs, segments
-
-    config = _config(
-        loss_codes, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type, f_alpha_divergence_coef
-    )
-    logps, lse, stats = logprobs.logprobs_fwd(
-        logits, labels, ignore_index=ignore_index, temperature=temperature, return_stats=with_stats
-    )
-    values = logps[None] if stats is None else torch.cat([logps[None], stats])
-    sums, n_tokens = segments.segments_fwd(values, labels, seq_starts, ignore_index=ignore_index, ld_alpha=ld_alpha)
-    B = n_tokens.shape[0] // 2
-    n = n_tokens.float()
-    pair_weights = None
-    if use_weighting:
-        seq = SequenceLogps(sums[0], n_tokens, sums[1], SequenceStats(*sums[2:], n_tokens=n_tokens))
-        w = R.wpo_weights(seq)
-        pair_weights = (w[:B] * w[B:]).float()
-    out = dpo.dpo_fwd(
-        sums[0, :B],
-        sums[0, B:],
-        rc,
-        rr,
-        config=config,
-        chosen_lengths=n[:B],
-        rejected_lengths=n[B:],
-        pair_weights=pair_weights,
-        sft_sum=sums[1, :B],
-        sft_count=n[:B],
-    )
-    grad_tokens = segments.segments_bwd(
-        torch.cat([out.grads[0], out.grads[1]]),
-        torch.cat([out.grads[4], torch.zeros_like(out.grads[4])]),
-        labels,
-        seq_starts,
-        n_tokens,
-        ignore_index=ignore_index,
-        ld_alpha=ld_alpha,
-    )
-    return out.loss, out.losses, out.rewards, out.metrics, sums, n_tokens, lse, grad_tokens
-
-
-@_dpo_from_logits_fwd.register_fake
-def _(logits, labels, seq_starts, rc, rr, ignore_index, temperature, ld_alpha, use_weighting, with_stats, _inplace,
-      loss_codes, *_):  # fmt: skip
-    N, S = labels.numel(), seq_starts.shape[0] - 1
-    f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    sums = logits.new_empty(6 if with_stats else 2, S, dtype=torch.float64)
-    n_tokens = logits.new_empty(S, dtype=torch.int64)
-    return (
-        f32(),
-        f32(len(loss_codes), S // 2),
-        f32(2, S // 2),
-        f32(len(L.REWARD_METRICS)),
-        sums,
-        n_tokens,
-        f32(N),
-        f32(N),
-    )
-
-
-def _dpo_from_logits_setup(ctx, inputs, output):
-    logits, labels, seq_starts, _, _, ignore_index, temperature, ld_alpha, _, _, inplace_grad = inputs[:11]
-    ctx.save_for_backward(logits, labels, seq_starts, output[5], output[6], output[7])
-    ctx.options = (ignore_index, temperature, ld_alpha, inplace_grad)
-
-
-def _dpo_from_logits_backward(ctx, grad_loss, _losses, _rewards, _metrics, grad_sums, _n, _lse, _grad_tokens):
-    logits, labels, seq_starts, n_tokens, lse, grad_tokens = ctx.saved_tensors
-    ignore_index, temperature, ld_alpha, inplace_grad = ctx.options
-    g = grad_tokens * grad_loss
-    if grad_sums is not None:  # a term on out.chosen_logps / rejected_logps (e.g. an RPO-style NLL)
-        g = g + _spread(grad_sums[:2], labels, seq_starts, n_tokens, ignore_index, ld_alpha)[0]
-    args = (logits, labels, lse, g.contiguous(), None, None, "triton", ignore_index, temperature)
-    if inplace_grad:
-        _token_logps_bwd_inplace(*args)
-        dlogits = logits
-    else:
-        dlogits = _token_logps_bwd(*args)
-    return (dlogits, *(None,) * 17)
-
-
-_dpo_from_logits_fwd.register_autograd(_dpo_from_logits_backward, setup_context=_dpo_from_logits_setup)
 
 
 def dpo_loss_from_logits(
@@ -836,9 +492,9 @@ def dpo_loss_from_logits(
             backend=chosen,
             out_dtype=out_dtype,
         )
-    seq_starts = _seq_starts(labels.shape, cu_seqlens, logits.device)
-    loss, losses, rewards, metrics, sums, n_tokens, _, _ = _dpo_from_logits_fwd(
-        _rows(logits),
+    seq_starts = C.seq_starts(labels.shape, cu_seqlens, logits.device)
+    loss, losses, rewards, metrics, sums, n_tokens, _, _ = C.dpo_from_logits_fwd(
+        *_operand(logits),
         labels.reshape(-1).long(),
         seq_starts,
         rc,
@@ -849,7 +505,7 @@ def dpo_loss_from_logits(
         use_weighting,
         with_stats,
         inplace_grad,
-        *_config_args(config),
+        *C.config_args(config),
     )
     stats = SequenceStats(*sums[2:], n_tokens=n_tokens) if return_stats else None
     return DPOOutput(
@@ -904,169 +560,23 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     return softcap, logit_scale
 
 
-# The fused head is one pair of torch custom ops over either implementation (the Triton kernels of
-# ops/linear_logprobs.py, or chunked.py's tiled torch head for the other backends), with one autograd: torch.compile
-# keeps them in its graph. The backward runs under the forward's autocast state, so that its recomputed tiles are
-# the forward's.
+HEAD_IMPLS = ("tile", "fused")
 
 
-def _head(backend: str) -> ModuleType:
-    if backend == "triton":
-        from dpo_kernels.ops import linear_logprobs
-
-        return linear_logprobs
-    return chunked
-
-
-def _head_chunks(backend: str, chunks: list[int]) -> dict:
-    """chunked.py's tile sizes (tests shrink them); the Triton head sizes its own tiles."""
-    return {} if backend == "triton" else dict(token_chunk=chunks[0], vocab_chunk=chunks[1])
-
-
-@torch.library.custom_op("dpo_kernels::linear_logps_fwd", mutates_args=())
-def _linear_logps_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    backend: str,
-    ignore_index: int,
-    temperature: float,
-    softcap: float | None,
-    logit_scale: float,
-    return_stats: bool,
-    chunks: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    logps, lse, stats = _head(backend).linear_logprobs_fwd(
-        hidden, weight, labels, bias=bias, **transform, return_stats=return_stats, **_head_chunks(backend, chunks)
-    )
-    return logps, lse, logps.new_empty(0, hidden.shape[0]) if stats is None else stats
-
-
-@_linear_logps_fwd.register_fake
-def _(hidden, weight, bias, labels, backend, ignore_index, temperature, softcap, logit_scale, return_stats, chunks):
-    out = lambda *shape: hidden.new_empty(shape, dtype=_out_dtype(hidden))  # noqa: E731
-    N = hidden.shape[0]
-    return out(N), out(N), out(4 if return_stats else 0, N)
-
-
-@torch.library.custom_op("dpo_kernels::linear_logps_bwd", mutates_args=())
-def _linear_logps_bwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logps: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    backend: str,
-    ignore_index: int,
-    temperature: float,
-    softcap: float | None,
-    logit_scale: float,
-    chunks: list[int],
-    weight_grad: bool,
-    autocast_enabled: bool,
-    autocast_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_enabled):
-        dh, dw, db = _head(backend).linear_logprobs_bwd(
-            hidden,
-            weight,
-            labels,
-            lse,
-            grad_logps,
-            bias=bias,
-            **transform,
-            grad_entropy=grad_entropy,
-            entropy=entropy,
-            weight_grad=weight_grad,
-            **_head_chunks(backend, chunks),
+def _head_options(impl: str, keep_logits: bool | str, deterministic: bool, backend: str) -> str:
+    """Checks the head's own options; the backend that runs it ("reference" for float64 and the reference backend:
+    `reference.linear_token_logps`, the logits built)."""
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(HEAD_IMPLS)}")
+    if keep_logits not in (True, False, "auto"):
+        raise ValueError(f"keep_logits must be True, False or 'auto', got {keep_logits!r}")
+    if impl == "fused" and backend != "triton":
+        raise ValueError(f"impl='fused' is the all-Triton head: it needs the triton backend, not {backend!r}")
+    if impl == "fused" and (keep_logits is True or deterministic):
+        raise ValueError(
+            "impl='fused' never builds a logits tile: keep_logits=True and deterministic=True need impl='tile'"
         )
-    # a custom op returns tensors (none aliasing another): an empty one stands for "no gradient"
-    return dh, hidden.new_empty(0) if dw is None else dw, hidden.new_empty(0) if db is None else db
-
-
-@_linear_logps_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, grad_logps, grad_entropy, entropy, *args):
-    weight_grad = args[6]
-    dw = torch.empty_like(weight) if weight_grad else hidden.new_empty(0)
-    db = torch.empty_like(bias) if weight_grad and bias is not None else hidden.new_empty(0)
-    return torch.empty_like(hidden), dw, db
-
-
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    try:
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type without autocast
-        return False, torch.float32
-
-
-def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, backend, ignore_index, temperature, softcap, logit_scale, _, chunks = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1], output[2])
-    ctx.options = (backend, ignore_index, temperature, softcap, logit_scale, chunks)
-    ctx.autocast = _autocast_state(hidden.device.type)
-
-
-def _linear_backward(ctx, grad_logps, _grad_lse, grad_stats):
-    hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
-    has_entropy_grad = grad_stats is not None and stats.shape[0] > 0
-    weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dh, dw, db = _linear_logps_bwd(
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
-        None if grad_logps is None else grad_logps.to(lse.dtype).contiguous(),
-        grad_stats[_ENTROPY].to(lse.dtype).contiguous() if has_entropy_grad else None,
-        stats[_ENTROPY] if has_entropy_grad else None,
-        *ctx.options,
-        weight_grad,
-        *ctx.autocast,
-    )
-    dw = dw if weight_grad else None
-    db = db if weight_grad and bias is not None else None
-    return dh, dw, db, *(None,) * 8
-
-
-_linear_logps_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-def _linear_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    backend: str,
-    *,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    return_stats: bool = False,
-    chunks: tuple[int, int] = (chunked.TOKEN_CHUNK, chunked.VOCAB_CHUNK),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused head on [N, H] rows, differentiable: (logps [N], stats [4, N] or [0, N]). No checks: callers
-    validate (the public `linear_token_logps`; tests that shrink chunked.py's tiles)."""
-    logps, _, stats = _linear_logps_fwd(
-        hidden,
-        weight,
-        bias,
-        labels,
-        backend,
-        ignore_index,
-        temperature,
-        softcap,
-        logit_scale,
-        return_stats,
-        list(chunks),
-    )
-    return logps, stats
+    return backend
 
 
 def linear_token_logps(
@@ -1080,17 +590,24 @@ def linear_token_logps(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_stats: bool = False,
+    keep_logits: bool | str = "auto",
+    deterministic: bool = False,
+    impl: str = "tile",
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
-    """Per-token log-probs straight from the last hidden states: the lm_head fused in, the logits never built.
+    """Per-token log-probs straight from the last hidden states: the lm_head fused in, the logits never built whole.
 
     z = transform(hidden @ weightᵀ + bias) with transform(y) = y · logit_scale / temperature, or
     (softcap / temperature) · tanh(y · logit_scale / softcap) with a final-logit softcap (Gemma 2); then
     log_softmax(z)[label] in fp32, as `token_logps` on those logits. Ignored positions cost nothing.
 
+    The default head (`impl="tile"`) projects chunks of the scored rows with the vendor GEMM (torch.mm: cuBLAS,
+    MKL / oneDNN), into a tile of the matmul's dtype (bf16 for a bf16 model: the logits a bf16 model would output),
+    and runs the log-prob row kernels on it; the backward writes dy into the tile and runs two more GEMMs.
+
     Args:
-        hidden: [..., H] float16 / bfloat16 / float32 (float64 runs the chunked torch path); unit stride along H
-            (else one copy), any other strides (e.g. `hidden[:, :-1]`).
+        hidden: [..., H] float16 / bfloat16 / float32 (float64 runs the reference); unit stride along H (else one
+            copy), any other strides (e.g. `hidden[:, :-1]`).
         weight: [V, H] output layer (the tied embedding works as is); an FSDP2 DTensor is gathered with
             `full_tensor()`. Cast to hidden's dtype when it differs (a copy, as autocast would).
         labels: [...] integer, in [0, V) or `ignore_index` (exactly 0 there, no gradient).
@@ -1098,11 +615,19 @@ def linear_token_logps(
         temperature, softcap, logit_scale: the logit transform (TRL's DPO uses temperature 1.0).
         return_stats: also return `TokenStats` on z (entropy, mean logit, is_top1, log Σ p²); only the entropy
             carries a gradient.
-        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" / "cpu" (the chunked torch path).
+        keep_logits: keep the forward's tiles for the backward instead of recomputing them (one GEMM fewer, at
+            scored rows × V × 2 bytes in bf16): "auto" keeps them when they fit in `chunked.KEEP_LOGITS_BYTES`
+            (2 GiB), True always, False never.
+        deterministic: every GEMM gets the same shape (the last chunk padded), so that a row's log-prob does not
+            depend on the other rows of the batch (batch invariance, at the cost of the padding's GEMM rows).
+        impl: "tile" (the default) or "fused": the all-Triton head of ops/linear_logprobs.py (fp32 logits, never
+            rounded to a tile dtype; no keep_logits, no deterministic).
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (the native row kernels) or "reference"
+            (plain torch, the whole logits built).
 
     Returns:
         fp32 log-probs shaped like `labels` (float64 for float64 hidden), and the stats when asked; differentiable
-        with respect to hidden, weight and bias (fp32 accumulation, no skipped blocks).
+        with respect to hidden, weight and bias (dW and db accumulated in fp32 across chunks, no skipped blocks).
 
     Example:
         >>> h = model.model(input_ids).last_hidden_state                       # [2B, T, H]
@@ -1114,6 +639,10 @@ def linear_token_logps(
     weight, bias = _full_tensor(weight), _full_tensor(bias)
     softcap, logit_scale = _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale)
     temperature = checks.check_temperature(temperature)
+    chosen = _head_options(impl, keep_logits, deterministic, dispatch.pick(hidden, backend))
+    options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    if chosen == "reference":
+        return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     H = hidden.shape[-1]
@@ -1122,10 +651,9 @@ def linear_token_logps(
     rows = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     rows = rows.reshape(-1, H)  # a view for evenly strided rows, else a copy
     flat_labels = labels.reshape(-1).long()
-    options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    chosen = dispatch.pick(hidden, backend)
     bias = None if bias is None else bias.contiguous()
-    logps, stats = _linear_logps(rows, weight, bias, flat_labels, chosen, **options, return_stats=return_stats)
+    head = dict(impl=impl, keep_logits=keep_logits, deterministic=deterministic)
+    logps, stats = C.linear_logps(rows, weight, bias, flat_labels, chosen, **options, **head, return_stats=return_stats)
     logps = logps.view(labels.shape)
     if not return_stats:
         return logps
@@ -1156,6 +684,9 @@ def dpo_loss_from_hidden(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_stats: bool = False,
+    keep_logits: bool | str = "auto",
+    deterministic: bool = False,
+    impl: str = "tile",
     backend: str | None = None,
     **loss_options,
 ) -> DPOOutput:
@@ -1175,6 +706,8 @@ def dpo_loss_from_hidden(
             model's hidden states, used without gradient, through `ref_weight` / `ref_bias`, which default to the
             policy's `weight` / `bias`, e.g. a frozen shared head under PEFT); or `reference_free=True`.
         softcap, logit_scale, temperature: the logit transform, for the policy and the reference alike.
+        keep_logits, deterministic, impl: the head's options (see `linear_token_logps`); the reference, run without
+            gradient, never keeps its tiles.
         cu_seqlens, ld_alpha, use_weighting, return_stats, **loss_options: as in `dpo_loss_from_logits`.
 
     Returns:
@@ -1196,9 +729,10 @@ def dpo_loss_from_hidden(
     # the [N]- and [2B]-sized steps after the head: the Triton kernels or torch
     small = "triton" if dispatch.pick(hidden, backend) == "triton" else "reference"
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    head = dict(keep_logits=keep_logits, deterministic=deterministic, impl=impl, backend=backend)
 
     def sequences(h, w, b, with_stats: bool) -> SequenceLogps:
-        out = linear_token_logps(h, w, labels, bias=b, **transform, return_stats=with_stats, backend=backend)
+        out = linear_token_logps(h, w, labels, bias=b, **transform, **head, return_stats=with_stats)
         lp, stats = out if with_stats else (out, None)
         # the scored mask, not the labels: labels of only 0s and 1s are labels here
         return sequence_logps(

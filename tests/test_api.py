@@ -482,3 +482,57 @@ def test_shifted_logits_read_in_place(backend, entry):
     out, out_copy = run(x), run(x_copy)
     (grad,), (grad_copy,) = torch.autograd.grad(out, x), torch.autograd.grad(out_copy, x_copy)
     assert torch.equal(out, out_copy) and torch.equal(grad, grad_copy)
+
+
+class _BigAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that allocate a new tensor of at least `numel` elements (views and in-place ops do not)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}  # fmt: skip
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in seen:
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("entry", ["token_logps", "dpo_loss_from_logits"])
+@pytest.mark.parametrize("inplace_grad", [False, True])
+@pytest.mark.parametrize("window", ["[:, :-1]", "[:, 1:]", "[0, 2:-1]"])
+def test_sliced_logits_gradient_written_whole(backend, entry, inplace_grad, window):
+    """A row window of logits that require grad (the model's `outputs.logits[:, :-1]`): the backward writes the
+    gradient of the whole tensor once (zero outside the window) instead of a window gradient that autograd's slice
+    backward copies into a zero-filled tensor of the full shape; values and gradients equal a contiguous copy's."""
+    logits, labels, rc, rr = _batch(2, 7, 37, torch.bfloat16)
+    full = torch.cat([logits, logits[:, :2]], dim=1)  # [2B, T + 2, V]
+    cut = {"[:, :-1]": (slice(None), slice(0, -2)), "[:, 1:]": (slice(None), slice(2, None))}
+    index = cut.get(window, (0, slice(2, -1)))  # "[0, 2:-1]": one [N, V] sequence of the batch
+    if window == "[0, 2:-1]":
+        labels, entry = labels[0, : full.shape[1] - 3], "token_logps"  # one sequence: no pairs
+
+    def run(x):
+        if entry == "token_logps":
+            return dk.token_logps(x, labels, backend=backend, inplace_grad=inplace_grad).sum()
+        out = dk.dpo_loss_from_logits(x, labels, rc.float(), rr.float(), backend=backend, inplace_grad=inplace_grad)
+        return out.loss
+
+    dk.token_logps(logits[0, :1], labels.reshape(-1)[:1], backend=backend)  # builds the native backend first
+    copy = full[index].detach().clone().requires_grad_()
+    out_copy = run(copy * 1)  # (* 1: inplace_grad needs a non-leaf)
+    (grad_copy,) = torch.autograd.grad(out_copy, copy)
+    expected = torch.zeros_like(full)
+    expected[index] = grad_copy
+    model_logits = full.detach().clone().requires_grad_() * 1  # a layer's output
+    x = model_logits[index]
+    assert x._base is model_logits
+    with _BigAllocations(full.numel()) as mode:
+        out = run(x)
+        (grad,) = torch.autograd.grad(out, model_logits)
+    assert torch.equal(out, out_copy) and torch.equal(grad, expected)
+    assert mode.ops == ([] if inplace_grad else ["dpo_kernels.token_logps_bwd.default"])  # the gradient alone
