@@ -6,8 +6,8 @@ Backends:
   runs in torch);
 - "reference": plain PyTorch (`reference.py`), any device and dtype.
 
-float64 always runs on the reference (the kernels compute in fp32). The fused lm_head has no native kernel: on the
-"cpu" and "reference" backends it runs the tiled torch head of `chunked.py`.
+float64 always runs on the reference (the kernels compute in fp32). The fused lm_head's tile path (`chunked.py`) runs
+the vendor GEMM with the per-token kernels of the "triton" or "cpu" backend; on "reference" the whole logits are built.
 """
 
 from __future__ import annotations

@@ -88,6 +88,46 @@ def token_logps(
     return logps, stats
 
 
+def logit_transform(
+    y: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """The output layer's logits y → the z whose softmax is scored: y · scale / T, or (softcap / T) ·
+    tanh(y · scale / softcap) with a final-logit softcap (Gemma 2)."""
+    if softcap is None:
+        return y * (logit_scale / temperature)
+    return torch.tanh(y * (logit_scale / softcap)) * (softcap / temperature)
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    tile_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """`token_logps` of z = transform(hidden @ weightᵀ + bias), the whole [..., V] logits built (the fused head's
+    math, for the oracle and the reference backend).
+
+    The matmul runs in the promoted dtype of hidden and weight (float64 for the oracle). `tile_dtype` rounds
+    y = hidden @ weightᵀ + bias to that dtype before the transform, as a GEMM writing a bf16 / fp16 tile does (the
+    rounding passes the gradient through unchanged).
+    """
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    y = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        y = y + bias.to(dtype)
+    if tile_dtype is not None:
+        y = y + (y.detach().to(tile_dtype).to(dtype) - y.detach())  # rounded value, identity gradient
+    z = logit_transform(y, temperature=1.0, softcap=softcap, logit_scale=logit_scale)
+    return token_logps(z, labels, ignore_index=ignore_index, temperature=temperature, return_stats=return_stats)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token → sequence sums
 

@@ -37,6 +37,15 @@ GRAD_TOL = {
 }
 
 
+def tile_out_tol(dtype: torch.dtype, z_absmax: float) -> dict:
+    """OUT_TOL for the tile head's outputs from `dtype` hidden states: its GEMM writes the logits in that dtype, and a
+    logit rounded by half an ulp moves a log-prob (and each stat) by at most that much: eps(dtype) · max|z| more
+    atol for bf16 / fp16 tiles, nothing more for fp32."""
+    if dtype in (torch.float32, torch.float64):
+        return OUT_TOL
+    return {**OUT_TOL, "atol": OUT_TOL["atol"] + torch.finfo(dtype).eps * z_absmax}
+
+
 def assert_out_close(out: torch.Tensor, ref: torch.Tensor, **override) -> None:
     """fp32 output vs the float64 reference (OUT_TOL)."""
     tol = {**OUT_TOL, **override}
@@ -128,17 +137,14 @@ if INTERPRET:
     _interpreter_bf16_dot()
 
 
-def chunked_linear_token_logps(hidden, weight, labels, *, bias=None, return_stats=False, token_chunk=None,
-                               vocab_chunk=None, **transform):  # fmt: skip
-    """chunked.py's torch head through the api's autograd (the fused head of every non-Triton backend), with its
-    tiles shrunk when asked: (logps, stats [4, N] or None)."""
-    from dpo_kernels import chunked
-    from dpo_kernels.api import _linear_logps
+def tile_linear_token_logps(hidden, weight, labels, *, backend="cpu", bias=None, return_stats=False, rows=0,
+                            keep_logits=False, deterministic=False, **transform):  # fmt: skip
+    """The tile head (chunked.py) through its custom op's autograd on `backend`'s row kernels, with `rows` rows per
+    chunk when asked (several chunks at test sizes): (logps, stats [4, N] or None)."""
+    from dpo_kernels.custom_ops import linear_logps
 
-    chunks = (token_chunk or chunked.TOKEN_CHUNK, vocab_chunk or chunked.VOCAB_CHUNK)
-    logps, stats = _linear_logps(
-        hidden, weight, bias, labels, "reference", **transform, return_stats=return_stats, chunks=chunks
-    )
+    head = dict(rows=rows, keep_logits=keep_logits, deterministic=deterministic)
+    logps, stats = linear_logps(hidden, weight, bias, labels, backend, **transform, **head, return_stats=return_stats)
     return logps, (stats if return_stats else None)
 
 

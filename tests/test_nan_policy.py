@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_grad_close, assert_out_close, chunked_linear_token_logps
+from conftest import DTYPES, assert_grad_close, assert_out_close, tile_linear_token_logps
 
 import dpo_kernels as dk
 from dpo_kernels import cpu
@@ -35,7 +35,13 @@ IGNORE = -100
 V = 37  # odd, under one block of every backend; the block and chunk edges are test_logprobs.py's job
 
 LOGITS_BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "cpu", "reference"]
-HIDDEN_BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "reference"]  # "reference": chunked torch
+# the fused head: (backend, impl); "reference" builds the logits (reference.linear_token_logps)
+HIDDEN_BACKENDS = [
+    pytest.param(("triton", "tile"), marks=pytest.mark.triton, id="triton-tile"),
+    pytest.param(("triton", "fused"), marks=pytest.mark.triton, id="triton-fused"),
+    pytest.param(("cpu", "tile"), id="cpu-tile"),
+    pytest.param(("reference", "tile"), id="reference"),
+]
 
 # The interpreter computes the very NaN / inf arithmetic under test and numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -303,12 +309,13 @@ def test_token_logps_nan_policy(backend, dtype):
 # logits in a finite row come from the bias.
 
 
-def _public_hidden(backend, hidden, labels, temperature, g, g_h, bias=None, weight_grad=False):
+def _public_hidden(path, hidden, labels, temperature, g, g_h, bias=None, weight_grad=False):
+    backend, impl = path
     h = hidden.clone().requires_grad_(True)
     w = torch.eye(V, dtype=hidden.dtype).requires_grad_(weight_grad)
     b = None if bias is None else bias.to(hidden.dtype).requires_grad_(weight_grad)
     logp, stats = dk.linear_token_logps(h, w, labels, bias=b, temperature=temperature, return_stats=True,
-                                        backend=backend)  # fmt: skip
+                                        backend=backend, impl=impl)  # fmt: skip
     grads, wgrads = [], []
     for wl, wh in ((g, None), (g, g_h), (None, g_h)):
         outs, gs = [], []
@@ -323,11 +330,17 @@ def _public_hidden(backend, hidden, labels, temperature, g, g_h, bias=None, weig
     return (logp.detach(), stats, grads), wgrads
 
 
-def _launchers_hidden(backend, hidden, labels, g, g_h):
+def _launchers_hidden(path, hidden, labels, g, g_h):
+    """Below the api's checks (labels outside [0, V) reach the kernels)."""
+    backend, impl = path
     w = torch.eye(V, dtype=hidden.dtype)
-    if backend == "reference":
+    if impl == "tile":
         h = hidden.clone().requires_grad_(True)
-        logp, st = chunked_linear_token_logps(h, w, labels, return_stats=True)
+        if backend == "reference":
+            logp, st = R.linear_token_logps(h, w, labels, return_stats=True)
+            st = torch.stack([s.to(logp.dtype) for s in st])
+        else:
+            logp, st = tile_linear_token_logps(h, w, labels, backend=backend, return_stats=True)
         grads = [
             torch.autograd.grad(outs, h, gs, retain_graph=True)[0]
             for outs, gs in (([logp], [g]), ([logp, st[0]], [g, g_h]), ([st[0]], [g_h]))
@@ -380,10 +393,15 @@ def test_linear_token_logps_nan_policy(backend, dtype):
         g, g_h = _finite_grads(logits)
         out, _ = _public_hidden(backend, logits, labels, case.temperature, g, g_h)
         _assert_policy(kinds, logits, labels, case.temperature, case.extreme, out, g, g_h)
-    # labels outside [0, V) through the launchers, labels as uint8 (ignore_index -100 then never matches)
+    # labels outside [0, V) through the launchers, labels as uint8 (ignore_index -100 then never matches); the
+    # reference checks its labels itself
     hidden = torch.stack([_randn() for _ in range(4)]).to(dtype)
     labels = torch.tensor([V, 3, 255, 0], dtype=torch.uint8)
     g, g_h = _finite_grads(hidden)
+    if backend[0] == "reference":
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\)"):
+            _launchers_hidden(backend, hidden, labels, g, g_h)
+        return
     out = _launchers_hidden(backend, hidden, labels, g, g_h)
     _assert_policy(["nan", "ok", "nan", "ok"], hidden, labels.long(), 1.0, False, out, g, g_h)
 
