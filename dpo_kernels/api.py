@@ -346,7 +346,7 @@ def _resolve_reference(ref_chosen_logps, ref_rejected_logps, ref_logits, referen
         return ref[:B], ref[B:]
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(value)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(value)}")
         checks.check_pair_vector(value, name, B, device)
     return ref_chosen_logps.detach(), ref_rejected_logps.detach()
 
@@ -537,13 +537,13 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     """Shapes, dtypes, devices and the transform's scalars; labels in range (one host read, as for the logits)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(t)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(t)}")
     if weight.ndim != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
     if hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden must have shape [..., H] with H = {weight.shape[1]}, got {tuple(hidden.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
-        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {checks._describe(bias)}")
+        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {checks.describe(bias)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
@@ -726,17 +726,16 @@ def dpo_loss_from_hidden(
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
         )
-    # the [N]- and [2B]-sized steps after the head: the Triton kernels or torch
-    small = "triton" if dispatch.pick(hidden, backend) == "triton" else "reference"
+    chosen = dispatch.pick(hidden, backend)  # the head's, and the [N]- and [2B]-sized steps after it
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    head = dict(keep_logits=keep_logits, deterministic=deterministic, impl=impl, backend=backend)
+    head = dict(keep_logits=keep_logits, deterministic=deterministic, impl=impl, backend=chosen)
 
     def sequences(h, w, b, with_stats: bool) -> SequenceLogps:
         out = linear_token_logps(h, w, labels, bias=b, **transform, **head, return_stats=with_stats)
         lp, stats = out if with_stats else (out, None)
         # the scored mask, not the labels: labels of only 0s and 1s are labels here
         return sequence_logps(
-            lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, backend=small
+            lp, labels != ignore_index, ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, token_stats=stats, backend=chosen
         )
 
     def reference_sequences() -> torch.Tensor:
@@ -754,7 +753,7 @@ def dpo_loss_from_hidden(
         config=config,
         use_weighting=use_weighting,
         return_stats=return_stats,
-        backend=small,
+        backend=chosen,
         out_dtype=_out_dtype(hidden),
     )
 

@@ -33,10 +33,10 @@ def _host_checks(t: torch.Tensor) -> bool:
 
 def check_logits_labels(logits, labels, ignore_index: int, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {_describe(logits)}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {describe(logits)}")
     integer = isinstance(labels, torch.Tensor) and not (labels.is_floating_point() or labels.is_complex())
     if not integer or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {_describe(labels)}")
+        raise TypeError(f"labels must be an integer tensor, got {describe(labels)}")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     if labels.shape != logits.shape[:-1]:
@@ -63,7 +63,7 @@ def check_labels_or_mask(labels_or_mask, ignore_index: int) -> None:
     mask (TRL's int64 `completion_mask`), which read as labels would score every position: refused where its values
     can be read for free (see `_host_checks`)."""
     if not isinstance(labels_or_mask, torch.Tensor) or labels_or_mask.is_complex():
-        raise TypeError(f"labels_or_mask must be a tensor of labels or a mask, got {_describe(labels_or_mask)}")
+        raise TypeError(f"labels_or_mask must be a tensor of labels or a mask, got {describe(labels_or_mask)}")
     t = labels_or_mask
     if t.dtype == torch.bool or t.is_floating_point() or t.numel() == 0 or not _host_checks(t):
         return
@@ -100,7 +100,7 @@ def check_pair_logps(pc, pr, rc, rr) -> None:
     }
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {_describe(t)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
         if t.ndim != 1:
             raise ValueError(f"{name} must be 1-D [B], got shape {tuple(t.shape)}")
     shapes = {name: tuple(t.shape) for name, t in named.items()}
@@ -116,7 +116,7 @@ def check_pair_logps(pc, pr, rc, rr) -> None:
 def check_pair_vector(value, name: str, B: int, device) -> None:
     """An optional per-pair ([B]) or per-sequence ([2B]) tensor argument."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {_describe(value)}")
+        raise TypeError(f"{name} must be a tensor, got {describe(value)}")
     if value.shape != (B,):
         raise ValueError(f"{name} must have shape [{B}], got {tuple(value.shape)}")
     if value.device != torch.device(device):
@@ -135,7 +135,7 @@ def check_even_rows(S: int, what: str = "sequences") -> int:
 def check_cu_seqlens(cu_seqlens, N: int, device) -> None:
     """Packed layout: cu_seqlens [S+1] integer, 0 = cu[0] <= cu[1] <= ... <= cu[S] = N."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {_describe(cu_seqlens)}")
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {describe(cu_seqlens)}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
@@ -155,7 +155,7 @@ def check_cu_seqlens(cu_seqlens, N: int, device) -> None:
     raise ValueError("cu_seqlens must be non-decreasing")
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
     dtype = getattr(value, "dtype", None)
     return f"{type(value).__name__} of dtype {dtype}" if dtype is not None else type(value).__name__
 
@@ -218,7 +218,7 @@ def check_sequences(token_logps, labels_or_mask, cu_seqlens, ignore_index: int, 
     """The inputs of `sequence_logps`, on every backend; returns the checked `ld_alpha`."""
     ld_alpha = check_ld_alpha(ld_alpha)
     if not isinstance(token_logps, torch.Tensor) or not token_logps.is_floating_point():
-        raise TypeError(f"token_logps must be a floating-point tensor, got {_describe(token_logps)}")
+        raise TypeError(f"token_logps must be a floating-point tensor, got {describe(token_logps)}")
     check_labels_or_mask(labels_or_mask, ignore_index)
     if labels_or_mask.shape != token_logps.shape:
         raise ValueError(

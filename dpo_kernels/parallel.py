@@ -369,7 +369,7 @@ def _precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed: bool,
         return None
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(value)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(value)}")
         checks.check_pair_vector(value, name, B, device)
     return ref_chosen_logps.detach(), ref_rejected_logps.detach()
 
@@ -606,7 +606,7 @@ class _ShardedLinearLogps(torch.autograd.Function):
 
 def _check_head(hidden, weight, shard: VocabShard, softcap, logit_scale, name="hidden") -> None:
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {checks._describe(hidden)}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(hidden)}")
     if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name} must be [..., H] and the weight shard [V_shard, H] with one H, got "
