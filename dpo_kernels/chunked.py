@@ -61,11 +61,27 @@ def _chunks(n: int, rows: int):
         yield c0, min(n, c0 + rows)
 
 
-def _gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """y = h @ Wᵀ (+ b) for the chunk's rows, padded with zero rows to `rows` when it has fewer (pad=True)."""
+def _gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, out=None) -> torch.Tensor:
+    """y = h @ Wᵀ (+ b) for the chunk's rows, padded with zero rows to `rows` when it has fewer (pad=True); into
+    `out` when given (its dtype must be the operands': not under autocast)."""
     if h.shape[0] < rows:
         h = torch.cat([h, h.new_zeros(rows - h.shape[0], h.shape[1])])
-    return torch.mm(h, weight.T) if bias is None else torch.addmm(bias, h, weight.T)
+    return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+
+
+def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in acc's fp32: in place when the operands are fp32; for 16-bit operands through the GEMM's own
+    fp32 output where torch has one (CUDA), else through one temporary of the product in their dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # a torch without out_dtype for this GEMM
+            pass
+    acc += a @ b
 
 
 def _softcapped(y: torch.Tensor, softcap: float, logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +119,15 @@ def linear_logprobs_fwd(
     stats = hidden.new_zeros(4, N, dtype=torch.float32) if return_stats else None
     temp = temperature if softcap is not None else temperature / logit_scale
     kept = None
+    dtype = tile_dtype(hidden, weight)
     if keep and n:
-        total = -(-n // rows) * rows if pad else n
-        kept = hidden.new_empty(total, V, dtype=tile_dtype(hidden, weight))
+        kept = hidden.new_empty(-(-n // rows) * rows if pad else n, V, dtype=dtype)
     for c0, c1 in _chunks(n, rows):
         idx = scored[c0:c1]
-        y = _gemm(hidden.index_select(0, idx), weight, bias, rows if pad else 0)
-        if kept is not None:
+        # the GEMM writes the kept tile in place where it can (no autocast cast in between), else a copy
+        into = kept[c0 : c0 + (rows if pad else c1 - c0)] if kept is not None and dtype == hidden.dtype else None
+        y = _gemm(hidden.index_select(0, idx), weight, bias, rows if pad else 0, out=into)
+        if kept is not None and into is None:
             kept[c0 : c0 + y.shape[0]] = y
         y = y[: c1 - c0]
         z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
@@ -119,6 +137,7 @@ def linear_logprobs_fwd(
         logps[idx], lse[idx] = lp, ls
         if stats is not None:
             stats[:, idx] = st
+        del y, z  # before the next chunk's tile exists
     return logps, lse, stats, kept
 
 
@@ -151,8 +170,8 @@ def linear_logprobs_bwd(
     grad_hidden = torch.zeros_like(hidden)
     one_chunk = n <= rows
     grad_weight = grad_bias = None
-    if weight_grad:  # one chunk: written once in the weight's dtype; more: accumulated in fp32
-        grad_weight = torch.zeros_like(weight, dtype=weight.dtype if one_chunk else torch.float32)
+    if weight_grad:  # one chunk: one GEMM in the weight's dtype; more: accumulated in fp32
+        grad_weight = None if one_chunk else torch.zeros_like(weight, dtype=torch.float32)
         if bias is not None:
             grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     scratch = None
@@ -184,14 +203,13 @@ def linear_logprobs_bwd(
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
         grad_hidden[idx] = torch.mm(dy, weight).to(hidden.dtype)  # under autocast: in its dtype
-        if grad_weight is not None:
-            dw = torch.mm(dy.T, h)
-            if one_chunk:
-                grad_weight.copy_(dw)
-            else:
-                grad_weight += dw
+        if weight_grad and one_chunk:
+            grad_weight = torch.mm(dy.T, h)
+        elif weight_grad:
+            _add_mm(grad_weight, dy.T, h)
         if grad_bias is not None:
             grad_bias += dy.sum(0, dtype=torch.float32)
+        del y, u, dy, h  # before the next chunk's tile exists
     return (
         grad_hidden,
         None if grad_weight is None else grad_weight.to(weight.dtype),

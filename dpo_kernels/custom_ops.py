@@ -589,6 +589,7 @@ def _linear_setup(ctx, inputs, output):
     )
     _, lse, stats, scored, kept = output
     ctx.save_for_backward(hidden, weight, bias, labels, scored, kept, lse, stats)
+    ctx.set_materialize_grads(False)  # no zero gradient for the outputs nothing reads (the kept tiles)
     ctx.options = (backend, impl, ignore_index, temperature, softcap, logit_scale, rows, pad)
     ctx.autocast = _autocast_state(hidden.device.type)
 
