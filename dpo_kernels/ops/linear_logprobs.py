@@ -57,8 +57,9 @@ import triton.language as tl
 
 from dpo_kernels.ops._config import empty_f32
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+# constexpr globals: the kernels read them as compile-time constants (plain globals are refused from Triton 3.3)
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _transform(y, pre, post, SOFTCAP: tl.constexpr):
     # tanh|u| = (1 - e) / (1 + e) with e = exp(-2|u|): no overflow, and 1 - tanh² = 4e / (1 + e)² exactly.
     if SOFTCAP:
         u = y * pre
-        e = tl.exp2(tl.abs(u) * (-2.0 * 1.4426950408889634))
+        e = tl.exp2(tl.abs(u) * (-2.0 * LOG2E))
         tanh_abs = (1.0 - e) / (1.0 + e)
         z = post * tl.where(u < 0.0, -tanh_abs, tanh_abs)
         dz_dy = (post * pre * 4.0) * e / ((1.0 + e) * (1.0 + e))
@@ -171,9 +172,9 @@ def _linear_logprobs_fwd_kernel(
             m_new = tl.maximum(m_i, tile_max)
             # first tile: the sums are 0, rescale by 1 (not by 2^-inf, which would turn 0 · -inf into NaN below);
             # >= -256 (2^-256 = 0 already), so that l_i * shift stays finite when m_i - m_new overflows
-            shift = tl.where(m_i == -float("inf"), 0.0, tl.maximum((m_i - m_new) * 1.4426950408889634, -256.0))
+            shift = tl.where(m_i == -float("inf"), 0.0, tl.maximum((m_i - m_new) * LOG2E, -256.0))
             alpha = tl.exp2(shift)
-            t = (z - m_new[:, None]) * 1.4426950408889634
+            t = (z - m_new[:, None]) * LOG2E
             e = tl.exp2(t)
             if RETURN_STATS:  # e * t at -inf (padding, or z - m overflowing): t clamped, 0 not 0 · -inf
                 s1_i = alpha * (s1_i + l_i * shift) + tl.sum(e * tl.maximum(t, -256.0), 1)
@@ -225,7 +226,7 @@ def _linear_logprobs_combine_kernel(
     for s in range(0, NUM_SPLITS):
         p_s = part_ptr + s * N + o_p
         # <= 0: rebase split s to m_max; >= -256 so that l_s * d stays finite (2^-256 = 0 already)
-        d = tl.maximum((tl.load(p_s, mask=scored, other=0.0) - m_max) * 1.4426950408889634, -256.0)
+        d = tl.maximum((tl.load(p_s, mask=scored, other=0.0) - m_max) * LOG2E, -256.0)
         scale = tl.exp2(d)
         l_s = tl.load(p_s + split_stride, mask=scored, other=1.0)  # 1 at unscored lanes: no log of 0 below
         l_sum += l_s * scale
@@ -237,16 +238,16 @@ def _linear_logprobs_combine_kernel(
     # The NaN policy: a NaN or +inf z makes l_sum NaN, all -inf makes it 0; and a label outside [0, V).
     ok = (l_sum > 0.0) & (labels >= 0) & (labels < V)
     log2_l = tl.log2(l_sum)
-    logp = (zy - m_max) - log2_l * 0.6931471805599453  # natural units: -inf only below fp32's range
-    lse = m_max + log2_l * 0.6931471805599453
+    logp = (zy - m_max) - log2_l * LN2  # natural units: -inf only below fp32's range
+    lse = m_max + log2_l * LN2
     # NaN lse too: the backward then writes a NaN dz row (p = NaN) with or without grad_logps
     tl.store(logps_ptr + rows, tl.where(scored, tl.where(ok, logp, float("nan")), 0.0), mask=m_p)
     tl.store(lse_ptr + rows, tl.where(scored, tl.where(ok, lse, float("nan")), 0.0), mask=m_p)
     if RETURN_STATS:
-        entropy = tl.where(ok, (log2_l - s1 / l_sum) * 0.6931471805599453, float("nan"))
+        entropy = tl.where(ok, (log2_l - s1 / l_sum) * LN2, float("nan"))
         mean_z = tl.where(ok, sx * mean_unscale, float("nan"))
         is_top1 = tl.where((arg == labels) & ok, 1.0, 0.0)
-        log_sum_sq = tl.where(ok, (tl.log2(s2) - 2.0 * log2_l) * 0.6931471805599453, float("nan"))
+        log_sum_sq = tl.where(ok, (tl.log2(s2) - 2.0 * log2_l) * LN2, float("nan"))
         tl.store(stats_ptr + rows, tl.where(scored, entropy, 0.0), mask=m_p)
         tl.store(stats_ptr + N + rows, tl.where(scored, mean_z, 0.0), mask=m_p)
         tl.store(stats_ptr + 2 * N + rows, tl.where(scored, is_top1, 0.0), mask=m_p)
@@ -287,7 +288,7 @@ def _linear_logprobs_bwd_dy_kernel(
         )  # fmt: skip
         z, dz_dy = _transform(y, pre, post, SOFTCAP)
         t = z - lse[:, None]  # <= 0 but for the rounding of the fp32 lse: clamped at 0 (NaN kept), p <= 1
-        p = tl.exp2(tl.where(t > 0.0, 0.0, t) * 1.4426950408889634)
+        p = tl.exp2(tl.where(t > 0.0, 0.0, t) * LOG2E)
         dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         if HAS_GRAD_LOGPS:
             g = tl.load(grad_logps_ptr + rows, mask=m_n, other=0.0)
