@@ -470,53 +470,54 @@ def dpo_loss_from_logits(
             backend=chosen,
         )
 
-    rc, rr = _resolve_reference(
-        ref_chosen_logps,
-        ref_rejected_logps,
-        ref_logits,
-        reference_free,
-        B,
-        logits.device,
-        lambda: sequences(ref_logits, False, False).logps,
-    )
-    out_dtype = _out_dtype(logits)
-    if chosen != "triton":
-        seq = sequences(logits, with_stats, inplace_grad)
-        return _loss_from_sequences(
-            seq,
+    with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
+        rc, rr = _resolve_reference(
+            ref_chosen_logps,
+            ref_rejected_logps,
+            ref_logits,
+            reference_free,
+            B,
+            logits.device,
+            lambda: sequences(ref_logits, False, False).logps,
+        )
+        out_dtype = _out_dtype(logits)
+        if chosen != "triton":
+            seq = sequences(logits, with_stats, inplace_grad)
+            return _loss_from_sequences(
+                seq,
+                rc,
+                rr,
+                config=config,
+                use_weighting=use_weighting,
+                return_stats=return_stats,
+                backend=chosen,
+                out_dtype=out_dtype,
+            )
+        seq_starts = C.seq_starts(labels.shape, cu_seqlens, logits.device)
+        loss, losses, rewards, metrics, sums, n_tokens, _, _ = C.dpo_from_logits_fwd(
+            *_operand(logits),
+            labels.reshape(-1).long(),
+            seq_starts,
             rc,
             rr,
-            config=config,
-            use_weighting=use_weighting,
-            return_stats=return_stats,
-            backend=chosen,
-            out_dtype=out_dtype,
+            ignore_index,
+            temperature,
+            ld_alpha,
+            use_weighting,
+            with_stats,
+            inplace_grad,
+            *C.config_args(config),
         )
-    seq_starts = C.seq_starts(labels.shape, cu_seqlens, logits.device)
-    loss, losses, rewards, metrics, sums, n_tokens, _, _ = C.dpo_from_logits_fwd(
-        *_operand(logits),
-        labels.reshape(-1).long(),
-        seq_starts,
-        rc,
-        rr,
-        ignore_index,
-        temperature,
-        ld_alpha,
-        use_weighting,
-        with_stats,
-        inplace_grad,
-        *C.config_args(config),
-    )
-    stats = SequenceStats(*sums[2:], n_tokens=n_tokens) if return_stats else None
-    return DPOOutput(
-        loss=loss,
-        losses=losses,
-        chosen_rewards=rewards[0],
-        rejected_rewards=rewards[1],
-        chosen_logps=sums[0, :B].float(),
-        rejected_logps=sums[0, B:].float(),
-        metrics=_metrics(metrics, stats),
-    ).detached_details()
+        stats = SequenceStats(*sums[2:], n_tokens=n_tokens) if return_stats else None
+        return DPOOutput(
+            loss=loss,
+            losses=losses,
+            chosen_rewards=rewards[0],
+            rejected_rewards=rewards[1],
+            chosen_logps=sums[0, :B].float(),
+            rejected_logps=sums[0, B:].float(),
+            metrics=_metrics(metrics, stats),
+        ).detached_details()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,6 +534,15 @@ def _full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _check_head_labels(hidden, weight, labels, ignore_index: int) -> None:
+    """The label checks of the logits path, on a [..., V] stand-in for the logits that costs no memory."""
+    tensors = isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)
+    if not (tensors and hidden.is_floating_point() and weight.is_floating_point() and weight.ndim == 2):
+        return  # `_check_linear` says what is wrong with them
+    stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
+    checks.check_logits_labels(stand_in, labels, ignore_index, name="hidden @ weightᵀ")
+
+
 def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale) -> tuple[float | None, float]:
     """Shapes, dtypes, devices and the transform's scalars; labels in range (one host read, as for the logits)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
@@ -547,9 +557,7 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    # the label checks of the logits path, on a [..., V] stand-in that costs no memory
-    stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
-    checks.check_logits_labels(stand_in, labels, ignore_index, name="hidden @ weightᵀ")
+    _check_head_labels(hidden, weight, labels, ignore_index)
     if softcap is not None:
         softcap = float(softcap)
         if not (softcap > 0 and math.isfinite(softcap)):
@@ -722,6 +730,7 @@ def dpo_loss_from_hidden(
     config = L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
     ld_alpha = checks.check_ld_alpha(ld_alpha)
     B = checks.check_even_rows(checks.check_layout(hidden, cu_seqlens, "hidden", "H"))
+    _check_head_labels(hidden, weight, labels, ignore_index)
     if ref_hidden is not None and ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
@@ -742,20 +751,21 @@ def dpo_loss_from_hidden(
         w, b = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
         return sequences(ref_hidden, w, b, False).logps
 
-    rc, rr = _resolve_reference(
-        ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, B, hidden.device, reference_sequences
-    )
-    seq = sequences(hidden, weight, bias, return_stats or use_weighting)
-    return _loss_from_sequences(
-        seq,
-        rc,
-        rr,
-        config=config,
-        use_weighting=use_weighting,
-        return_stats=return_stats,
-        backend=chosen,
-        out_dtype=_out_dtype(hidden),
-    )
+    with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
+        rc, rr = _resolve_reference(
+            ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, B, hidden.device, reference_sequences
+        )
+        seq = sequences(hidden, weight, bias, return_stats or use_weighting)
+        return _loss_from_sequences(
+            seq,
+            rc,
+            rr,
+            config=config,
+            use_weighting=use_weighting,
+            return_stats=return_stats,
+            backend=chosen,
+            out_dtype=_out_dtype(hidden),
+        )
 
 
 class DPOLoss(torch.nn.Module):

@@ -5,10 +5,16 @@ read them on the host only where that costs no synchronisation (CPU tensors, out
 label gives NaN outputs (the kernels' NaN policy) and a bad `cu_seqlens` a device-side assertion, so that a CUDA call
 never waits for the device before its first launch. The loss options are checked with the registry
 (`losses.loss_config`).
+
+A public function that calls others (`dpo_loss_from_logits` → `token_logps`, `sequence_logps`) checks the values once:
+it runs the nested calls under `values_checked()`, where the host reads of the same labels and `cu_seqlens` are
+skipped (shapes, dtypes and devices are still checked: they cost nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -26,9 +32,30 @@ def check_ld_alpha(ld_alpha: float | None) -> float | None:
     return ld_alpha
 
 
+_VALUES_CHECKED = contextvars.ContextVar("dpo_kernels_values_checked", default=False)
+
+
+def values_checked() -> contextlib.AbstractContextManager:
+    """The rest of a public call whose tensors' values are checked: nested public calls skip reading them again.
+    (Under torch.compile values are never read on the host: a no-op context there.)"""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _values_checked()
+
+
+@contextlib.contextmanager
+def _values_checked():
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 def _host_checks(t: torch.Tensor) -> bool:
-    """True where reading `t`'s values costs no device synchronisation and no graph break."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """True where reading `t`'s values costs no device synchronisation and no graph break, and no enclosing public
+    call has read them already."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not _VALUES_CHECKED.get()
 
 
 def check_logits_labels(logits, labels, ignore_index: int, name: str = "logits") -> None:
@@ -140,6 +167,8 @@ def check_cu_seqlens(cu_seqlens, N: int, device) -> None:
         raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
+    if not torch.compiler.is_compiling() and _VALUES_CHECKED.get():
+        return  # an enclosing public call checked these values
     valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == N) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
     if not _host_checks(cu_seqlens):
         # no host read: the device raises (asynchronously) instead
