@@ -9,6 +9,7 @@ import torch
 from conftest import assert_grad_close, assert_out_close
 
 import dpo_kernels as dk
+from dpo_kernels import checks
 from dpo_kernels import losses as L
 from dpo_kernels import reference as R
 
@@ -536,3 +537,27 @@ def test_sliced_logits_gradient_written_whole(backend, entry, inplace_grad, wind
         (grad,) = torch.autograd.grad(out, model_logits)
     assert torch.equal(out, out_copy) and torch.equal(grad, expected)
     assert mode.ops == ([] if inplace_grad else ["dpo_kernels.token_logps_bwd.default"])  # the gradient alone
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("entry", ["logits", "logits+ref_logits", "packed", "hidden+ref_hidden"])
+def test_values_read_once_per_call(monkeypatch, backend, entry):
+    """A public call reads each tensor's values on the host once (labels, cu_seqlens), nested public calls included."""
+    reads = []
+    host_checks = checks._host_checks
+    monkeypatch.setattr(checks, "_host_checks", lambda t: host_checks(t) and (reads.append(tuple(t.shape)) or True))
+    B, T, V = 2, 5, 11
+    x, labels = torch.randn(2 * B, T, V, requires_grad=True), torch.randint(0, V, (2 * B, T))
+    ref = torch.zeros(B)
+    if entry == "logits":
+        dk.dpo_loss_from_logits(x, labels, ref, ref, backend=backend, return_stats=True)
+    elif entry == "logits+ref_logits":
+        dk.dpo_loss_from_logits(x, labels, ref_logits=x.detach(), backend=backend)
+    elif entry == "packed":
+        cu = torch.tensor([0, 5, 10, 15, 20])
+        dk.dpo_loss_from_logits(x.reshape(-1, V), labels.reshape(-1), ref, ref, cu_seqlens=cu, backend=backend)
+    else:
+        h = torch.randn(2 * B, T, 8)
+        dk.dpo_loss_from_hidden(h, torch.randn(V, 8), labels, ref_hidden=h, backend=backend, use_weighting=True)
+    expected = [(2 * B * T,), (2 * B + 1,)] if entry == "packed" else [(2 * B, T)]
+    assert sorted(reads) == sorted(expected)
