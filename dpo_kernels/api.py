@@ -102,6 +102,13 @@ def _check_inplace(logits: torch.Tensor, backend: str) -> None:
         )
 
 
+def _not_in_parallel(**options) -> None:
+    """Options the vocabulary-parallel functions (`dpo_kernels.parallel`) do not take: refused when set."""
+    for name, (value, default) in options.items():
+        if value != default:
+            raise ValueError(f"{name}={value!r} is not supported on logits or a head sharded over the vocabulary")
+
+
 def _token_stats(stats: torch.Tensor, shape: torch.Size) -> TokenStats:
     """The kernels' [4, N] stats rows as `TokenStats` shaped like the labels; only the entropy keeps its graph."""
     rows = {name: (row if name == "entropy" else row.detach()).view(shape) for name, row in zip(STATS, stats)}
@@ -120,6 +127,9 @@ def token_logps(
     temperature: float = 1.0,
     return_stats: bool = False,
     inplace_grad: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Log-probability of each label under softmax(logits / temperature), in fp32.
@@ -137,6 +147,9 @@ def token_logps(
         inplace_grad: the backward writes the logits' gradient into the logits' own storage (for a row window,
             into the whole tensor it was sliced from), so the extra memory is O(N). The caller promises not to read
             the logits after the backward.
+        process_group, vocab_start, vocab_size: logits sharded over the vocabulary, this rank's columns
+            [vocab_start, vocab_start + V) of `vocab_size`: computed by `dpo_kernels.parallel` (two all-reduces
+            forward, none backward), as for a DTensor sharded on its last dim, which goes there by itself.
         backend: "triton", "cpu" or "reference" to override the automatic choice.
 
     Returns:
@@ -145,6 +158,13 @@ def token_logps(
     Example:
         >>> lp = dk.token_logps(logits[:, :-1], input_ids[:, 1:].masked_fill(~completion_mask[:, 1:], -100))
     """
+    if process_group is not None or dispatch.vocab_sharded(logits):
+        from dpo_kernels import parallel
+
+        _not_in_parallel(inplace_grad=(inplace_grad, False))
+        shard = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+        options = dict(ignore_index=ignore_index, temperature=temperature, return_stats=return_stats)
+        return parallel.token_logps(logits, labels, **shard, **options, backend=backend)
     checks.check_logits_labels(logits, labels, ignore_index)
     temperature = checks.check_temperature(temperature)
     chosen = dispatch.pick(logits, backend)
@@ -415,6 +435,9 @@ def dpo_loss_from_logits(
     temperature: float = 1.0,
     return_stats: bool = False,
     inplace_grad: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     backend: str | None = None,
     **loss_options,
 ) -> DPOOutput:
@@ -432,6 +455,8 @@ def dpo_loss_from_logits(
         use_weighting: WPO weights from the policy's own token statistics.
         return_stats: add TRL's logits/chosen, logits/rejected, entropy and mean_token_accuracy metrics.
         inplace_grad: write the logits' gradient into the logits' storage (see `token_logps`).
+        process_group, vocab_start, vocab_size: logits (and `ref_logits`) sharded over the vocabulary (see
+            `token_logps`); a DTensor sharded on its last dim goes to `dpo_kernels.parallel` by itself.
         **loss_options: loss_type, loss_weights, beta, label_smoothing, discopop_tau, f_divergence_type,
             f_alpha_divergence_coef (see `dpo_loss`). ipo / sigmoid_norm use the scored-token counts as lengths.
 
@@ -444,6 +469,17 @@ def dpo_loss_from_logits(
         >>> out = dk.dpo_loss_from_logits(logits[:, :-1], labels[:, 1:], ref_chosen, ref_rejected, beta=0.1)
         >>> out.loss.backward()
     """
+    if process_group is not None or dispatch.vocab_sharded(logits):
+        from dpo_kernels import parallel
+
+        _not_in_parallel(inplace_grad=(inplace_grad, False))
+        shard = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+        options = dict(ld_alpha=ld_alpha, use_weighting=use_weighting, ignore_index=ignore_index)
+        options.update(temperature=temperature, return_stats=return_stats, backend=backend, **loss_options)
+        return parallel.dpo_loss_from_logits(
+            logits, labels, ref_chosen_logps, ref_rejected_logps, ref_logits=ref_logits,
+            reference_free=reference_free, cu_seqlens=cu_seqlens, **shard, **options,
+        )  # fmt: skip
     checks.check_logits_labels(logits, labels, ignore_index)
     temperature = checks.check_temperature(temperature)
     ld_alpha = checks.check_ld_alpha(ld_alpha)
@@ -601,6 +637,10 @@ def linear_token_logps(
     keep_logits: bool | str = "auto",
     deterministic: bool = False,
     impl: str = "tile",
+    vocab_parallel: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Per-token log-probs straight from the last hidden states: the lm_head fused in, the logits never built whole.
@@ -630,6 +670,10 @@ def linear_token_logps(
             depend on the other rows of the batch (batch invariance, at the cost of the padding's GEMM rows).
         impl: "tile" (the default) or "fused": the all-Triton head of ops/linear_logprobs.py (fp32 logits, never
             rounded to a tile dtype; no keep_logits, no deterministic).
+        vocab_parallel, process_group, vocab_start, vocab_size: a weight (and bias) sharded over the vocabulary,
+            a `ColwiseParallel` lm_head's DTensor with `vocab_parallel=True`, or this rank's rows [vocab_start,
+            vocab_start + V) of `vocab_size` with `process_group`: computed by `dpo_kernels.parallel` (two
+            all-reduces forward, one of grad_hidden backward). Without them an FSDP2-sharded weight is gathered.
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (the native row kernels) or "reference"
             (plain torch, the whole logits built).
 
@@ -644,6 +688,15 @@ def linear_token_logps(
         (`h[:, :-1]` with `labels[:, 1:]` gives the same values, but its rows are not evenly strided: one copy of the
         hidden states, N·H·itemsize bytes.)
     """
+    if vocab_parallel or process_group is not None:
+        from dpo_kernels import parallel
+
+        _not_in_parallel(keep_logits=(keep_logits, "auto"), deterministic=(deterministic, False), impl=(impl, "tile"))
+        shard = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+        options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+        return parallel.linear_token_logps(
+            hidden, weight, labels, bias=bias, **shard, **options, return_stats=return_stats, backend=backend
+        )
     weight, bias = _full_tensor(weight), _full_tensor(bias)
     softcap, logit_scale = _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_scale)
     temperature = checks.check_temperature(temperature)
@@ -695,6 +748,10 @@ def dpo_loss_from_hidden(
     keep_logits: bool | str = "auto",
     deterministic: bool = False,
     impl: str = "tile",
+    vocab_parallel: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     backend: str | None = None,
     **loss_options,
 ) -> DPOOutput:
@@ -716,6 +773,8 @@ def dpo_loss_from_hidden(
         softcap, logit_scale, temperature: the logit transform, for the policy and the reference alike.
         keep_logits, deterministic, impl: the head's options (see `linear_token_logps`); the reference, run without
             gradient, never keeps its tiles.
+        vocab_parallel, process_group, vocab_start, vocab_size: an output layer sharded over the vocabulary (see
+            `linear_token_logps`), the reference's too.
         cu_seqlens, ld_alpha, use_weighting, return_stats, **loss_options: as in `dpo_loss_from_logits`.
 
     Returns:
@@ -727,6 +786,18 @@ def dpo_loss_from_hidden(
         >>> out = dk.dpo_loss_from_hidden(h, policy.lm_head.weight, shifted, ref_c, ref_r, beta=0.1)
         >>> out.loss.backward()
     """
+    if vocab_parallel or process_group is not None:
+        from dpo_kernels import parallel
+
+        _not_in_parallel(keep_logits=(keep_logits, "auto"), deterministic=(deterministic, False), impl=(impl, "tile"))
+        shard = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+        options = dict(ld_alpha=ld_alpha, use_weighting=use_weighting, ignore_index=ignore_index)
+        options.update(temperature=temperature, softcap=softcap, logit_scale=logit_scale, return_stats=return_stats)
+        return parallel.dpo_loss_from_hidden(
+            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, reference_free=reference_free, cu_seqlens=cu_seqlens,
+            **shard, **options, backend=backend, **loss_options,
+        )  # fmt: skip
     config = L.loss_config(**loss_options, use_weighting=use_weighting)  # fail before any GEMM
     ld_alpha = checks.check_ld_alpha(ld_alpha)
     B = checks.check_even_rows(checks.check_layout(hidden, cu_seqlens, "hidden", "H"))

@@ -69,3 +69,16 @@ def token_kernels(backend: str) -> ModuleType:
 
         return cpu
     raise AssertionError(f"no per-token kernels for backend {backend!r}")  # callers route reference elsewhere
+
+
+def vocab_sharded(t: torch.Tensor) -> bool:
+    """A DTensor sharded on its last (vocabulary) dim, as torch's `loss_parallel` takes logits: the call goes to
+    `dpo_kernels.parallel`. (A weight sharded on dim 0 is not detected: FSDP2 leaves the same placement, and only the
+    caller knows which it is; the head functions take `vocab_parallel=True`.)"""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch built without distributed
+        return False
+    if not isinstance(t, DTensor):
+        return False
+    return any(isinstance(p, Shard) and p.dim % t.ndim == t.ndim - 1 for p in t.placements)

@@ -365,12 +365,47 @@ def scenario_bad_inputs(rank: int, world: int, backend: str) -> None:
         dkp.linear_token_logps(hidden[..., :3], weight, dpo_labels, **shard, **kw)
 
 
+def scenario_public_api(rank: int, world: int, backend: str) -> None:
+    """The public functions hand sharded inputs to dpo_kernels.parallel: a DTensor sharded on its last dim by itself,
+    a plain shard with process_group, an output layer with vocab_parallel=True; the same numbers as calling
+    parallel directly; the options the parallel path does not take are refused."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    def same(a, b, what):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=what)
+
+    mesh = init_device_mesh("cpu", (world,))
+    full, labels = _token_inputs(world, torch.float32)
+    start, stop = even_shard(world, rank)
+    shard = dict(process_group=dist.group.WORLD, vocab_start=start, vocab_size=V, backend=backend)
+    dt = distribute_tensor(full, mesh, [Shard(-1)])
+    same(dk.token_logps(dt, labels, backend=backend), dkp.token_logps(dt, labels, backend=backend), "DTensor")
+    local = full[:, start:stop]
+    same(dk.token_logps(local, labels, **shard), dkp.token_logps(local, labels, **shard), "process_group")
+    dpo_labels, rc, rr, g = _dpo_batch()
+    logits = distribute_tensor(torch.randn(*dpo_labels.shape, V, generator=g), mesh, [Shard(-1)])
+    out = dk.dpo_loss_from_logits(logits, dpo_labels, rc, rr, loss_type="ipo", backend=backend)
+    same(out.loss, dkp.dpo_loss_from_logits(logits, dpo_labels, rc, rr, loss_type="ipo", backend=backend).loss, "dpo")
+    hidden, weight = torch.randn(*dpo_labels.shape, 4, generator=g), torch.randn(V, 4, generator=g)
+    w = distribute_tensor(weight, mesh, [Shard(0)])
+    out = dk.dpo_loss_from_hidden(hidden, w, dpo_labels, rc, rr, vocab_parallel=True, backend=backend)
+    same(out.loss, dkp.dpo_loss_from_hidden(hidden, w, dpo_labels, rc, rr, backend=backend).loss, "from hidden")
+    w_local = weight[start:stop]
+    lp = dk.linear_token_logps(hidden, w_local, dpo_labels, **shard)
+    same(lp, dkp.linear_token_logps(hidden, w_local, dpo_labels, **shard), "linear_token_logps")
+    with pytest.raises(ValueError, match="inplace_grad=True is not supported on logits or a head sharded"):
+        dk.token_logps(dt, labels, inplace_grad=True, backend=backend)
+    with pytest.raises(ValueError, match="keep_logits=True is not supported on logits or a head sharded"):
+        dk.dpo_loss_from_hidden(hidden, w, dpo_labels, rc, rr, vocab_parallel=True, keep_logits=True, backend=backend)
+
+
 SCENARIOS = {
     "token_logps": scenario_token_logps,
     "token_logps_only": scenario_token_logps_only,
     "dpo_from_logits": scenario_dpo_from_logits,
     "dpo_from_hidden": scenario_dpo_from_hidden,
     "bad_inputs": scenario_bad_inputs,
+    "public_api": scenario_public_api,
 }
 
 
@@ -414,3 +449,9 @@ def test_dpo_loss_from_hidden(world, backend):
 @pytest.mark.parametrize("world", WORLDS)
 def test_bad_inputs(world, backend):
     check(world, "bad_inputs", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", WORLDS)
+def test_public_api_forwards_sharded_inputs(world, backend):
+    check(world, "public_api", backend)
