@@ -612,10 +612,13 @@ def _head_options(impl: str, keep_logits: bool | str, deterministic: bool, backe
     `reference.linear_token_logps`, the logits built)."""
     if impl not in HEAD_IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(HEAD_IMPLS)}")
-    if keep_logits not in (True, False, "auto"):
+    if not (keep_logits is True or keep_logits is False or keep_logits == "auto"):
         raise ValueError(f"keep_logits must be True, False or 'auto', got {keep_logits!r}")
     if impl == "fused" and backend != "triton":
-        raise ValueError(f"impl='fused' is the all-Triton head: it needs the triton backend, not {backend!r}")
+        raise ValueError(
+            f"impl='fused' is the all-Triton head: it needs the triton backend and fp32/bf16/fp16 hidden states; "
+            f"this call runs on {backend!r}"
+        )
     if impl == "fused" and (keep_logits is True or deterministic):
         raise ValueError(
             "impl='fused' never builds a logits tile: keep_logits=True and deterministic=True need impl='tile'"
@@ -659,15 +662,16 @@ def linear_token_logps(
         weight: [V, H] output layer (the tied embedding works as is); an FSDP2 DTensor is gathered with
             `full_tensor()`. Cast to hidden's dtype when it differs (a copy, as autocast would).
         labels: [...] integer, in [0, V) or `ignore_index` (exactly 0 there, no gradient).
-        bias: optional [V] output bias.
+        bias: optional [V] output bias (cast like the weight).
         temperature, softcap, logit_scale: the logit transform (TRL's DPO uses temperature 1.0).
         return_stats: also return `TokenStats` on z (entropy, mean logit, is_top1, log Σ p²); only the entropy
             carries a gradient.
         keep_logits: keep the forward's tiles for the backward instead of recomputing them (one GEMM fewer, at
             scored rows × V × 2 bytes in bf16): "auto" keeps them when they fit in `chunked.KEEP_LOGITS_BYTES`
             (2 GiB), True always, False never.
-        deterministic: every GEMM gets the same shape (the last chunk padded), so that a row's log-prob does not
-            depend on the other rows of the batch (batch invariance, at the cost of the padding's GEMM rows).
+        deterministic: every forward GEMM gets the same shape (chunks of `chunked.DETERMINISTIC_ROWS` rows at most,
+            the last one padded), so that a row's log-prob does not depend on the other rows of the batch (batch
+            invariance of the log-probs, at the cost of the padding's GEMM rows; the gradients' GEMMs are not padded).
         impl: "tile" (the default) or "fused": the all-Triton head of ops/linear_logprobs.py (fp32 logits, never
             rounded to a tile dtype; no keep_logits, no deterministic).
         vocab_parallel, process_group, vocab_start, vocab_size: a weight (and bias) sharded over the vocabulary,
@@ -706,6 +710,8 @@ def linear_token_logps(
         return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
     H = hidden.shape[-1]
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -768,8 +774,9 @@ def dpo_loss_from_hidden(
         weight, bias: the policy's output layer (see `linear_token_logps`).
         labels: [2B, T] or [N], `ignore_index` outside the completions.
         ref_chosen_logps, ref_rejected_logps: [B] precomputed reference log-probs; or `ref_hidden` (the reference
-            model's hidden states, used without gradient, through `ref_weight` / `ref_bias`, which default to the
-            policy's `weight` / `bias`, e.g. a frozen shared head under PEFT); or `reference_free=True`.
+            model's hidden states, used without gradient, through `ref_weight` / `ref_bias`; without `ref_weight`
+            the policy's `weight` and `bias` (e.g. a frozen shared head under PEFT), with it `ref_bias` or no bias);
+            or `reference_free=True`.
         softcap, logit_scale, temperature: the logit transform, for the policy and the reference alike.
         keep_logits, deterministic, impl: the head's options (see `linear_token_logps`); the reference, run without
             gradient, never keeps its tiles.

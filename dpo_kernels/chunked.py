@@ -17,8 +17,10 @@ the backward skips the recompute: 2 GEMMs in the backward instead of 3.
 A final-logit softcap, z = (c / T) · tanh(y · scale / c), runs as torch element-wise ops on the tile (one extra
 pass each way); only Gemma 2 style models pay it.
 
-`pad=True` makes every GEMM the same shape (the last chunk padded with zero rows), so that a row's log-prob does not
-depend on which rows share its chunk: the vendor GEMMs pick their kernels (and so their reduction order) by shape.
+`pad=True` makes every forward GEMM (and the backward's recompute) the same shape, DETERMINISTIC_ROWS rows or fewer
+for large vocabularies (the last chunk padded with zero rows), so that a row's log-prob does not depend on which rows
+share its chunk: the vendor GEMMs pick their kernels (and so their reduction order) by shape. The log-probs are
+batch-invariant then; the gradients' GEMMs (dH, dW) are not padded.
 
 The launchers here take validated inputs from the api (`hidden` [N, H] rows, `weight` [V, H] unit-stride, labels [N],
 `scored`: the indices of the rows to compute) and do no checks of their own.
@@ -31,13 +33,15 @@ from types import ModuleType
 import torch
 
 TILE_BYTES = 256 * 2**20  # one [chunk_rows, V] tile: 1046 rows at V = 128256 in bf16
+MAX_ROWS = 4096  # rows per chunk at most (small vocabularies): GEMMs this tall already run at the card's rate
+DETERMINISTIC_ROWS = 512  # pad=True: every forward GEMM has this many rows at most (the padding costs up to that)
 KEEP_LOGITS_BYTES = 2 * 2**30  # keep_logits="auto": keep the forward's tiles when all of them fit in this
 
 
-def chunk_rows(V: int, tile_dtype: torch.dtype) -> int:
-    """Rows per chunk: a tile of at most TILE_BYTES (at least one row); independent of the batch, so that
-    `pad=True` gives every call the same GEMM shape."""
-    return max(1, TILE_BYTES // (V * tile_dtype.itemsize))
+def chunk_rows(V: int, tile_dtype: torch.dtype, pad: bool = False) -> int:
+    """Rows per chunk: a tile of at most TILE_BYTES (at least one row, at most MAX_ROWS, DETERMINISTIC_ROWS with
+    `pad`); independent of the batch, so that `pad=True` gives every call the same GEMM shape."""
+    return max(1, min(DETERMINISTIC_ROWS if pad else MAX_ROWS, TILE_BYTES // (V * tile_dtype.itemsize)))
 
 
 def tile_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -168,9 +172,9 @@ def linear_logprobs_bwd(
     n = scored.numel()
     temp = temperature if softcap is not None else temperature / logit_scale
     grad_hidden = torch.zeros_like(hidden)
-    one_chunk = n <= rows
+    one_chunk = 0 < n <= rows
     grad_weight = grad_bias = None
-    if weight_grad:  # one chunk: one GEMM in the weight's dtype; more: accumulated in fp32
+    if weight_grad:  # one chunk: one GEMM in the weight's dtype; more (or none): accumulated in fp32
         grad_weight = None if one_chunk else torch.zeros_like(weight, dtype=torch.float32)
         if bias is not None:
             grad_bias = torch.zeros_like(bias, dtype=torch.float32)

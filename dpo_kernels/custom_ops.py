@@ -484,7 +484,7 @@ def _linear_logps_fwd(
         )
     else:
         dtype = chunked.tile_dtype(hidden, weight)
-        rows = rows or chunked.chunk_rows(weight.shape[0], dtype)
+        rows = rows or chunked.chunk_rows(weight.shape[0], dtype, pad)
         n = scored.numel()
         total = -(-n // rows) * rows if pad else n  # the kept tiles' rows
         keep = keep_logits == "always" or (keep_logits == "auto" and chunked.fits(total, weight.shape[0], dtype))
@@ -561,7 +561,7 @@ def _linear_logps_bwd(
                 **transform,
                 **grads,
                 kept=kept if kept.numel() else None,
-                rows=rows or chunked.chunk_rows(weight.shape[0], chunked.tile_dtype(hidden, weight)),
+                rows=rows or chunked.chunk_rows(weight.shape[0], chunked.tile_dtype(hidden, weight), pad),
                 pad=pad,
             )
     # a custom op returns tensors (none aliasing another): an empty one stands for "no gradient"

@@ -418,20 +418,9 @@ def test_linear_token_logps_one_row_and_shapes(backend):
     assert torch.equal(h_t.grad, got["h"]) and torch.equal(w_t.grad, got["w"])
 
 
-ALL_IGNORED_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: all rows ignored with a trainable head: chunked.linear_logprobs_bwd leaves grad_weight None "
-    "(n = 0 is 'one chunk', whose GEMM never runs), the op returns an empty dW and autograd raises 'returned an "
-    "invalid gradient at index 1 - got [0] but expected shape compatible with [V, H]'",
-)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize(
-    "trainable", [pytest.param(("h",), id="hidden"), pytest.param(("h", "w", "b"), id="head", marks=ALL_IGNORED_BUG)]
-)
+@pytest.mark.parametrize("trainable", [pytest.param(("h",), id="hidden"), pytest.param(("h", "w", "b"), id="head")])
 def test_linear_token_logps_all_ignored(trainable, keep, backend, monkeypatch):
     """Every label ignored (a micro-batch of truncated completions): zeros everywhere, zero gradients."""
     _cpu_or_skip(backend)
@@ -573,16 +562,10 @@ def test_linear_token_logps_autocast(softcap, backend, monkeypatch):
     assert (lp.double() - ref["logp"]).abs().max() > 10 * OUT_ATOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: linear_token_logps casts weight to hidden's dtype but not bias: bf16 hidden with an fp32 bias "
-    "raises 'self and mat2 must have the same dtype' from torch.addmm in chunked._gemm (reference backend works)",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_token_logps_bias_cast_like_weight(backend):
-    """A bf16 model with an fp32 head (weight and bias): the weight is cast to hidden's dtype (documented), the
-    bias should be too (the reference backend takes it; the kernel backends raise torch's addmm dtype error)."""
+    """A bf16 model with an fp32 head (weight and bias): both are cast to hidden's dtype, on every backend (the
+    kernel backends raised torch's addmm dtype error on the bias before)."""
     _cpu_or_skip(backend)
     h, w, b, labels = make_problem(8, 16, 97, torch.float32, bias=True)
     h = h.bfloat16()
@@ -997,9 +980,11 @@ def _bad_head_calls():
     ok = dict(hidden=h, weight=w, labels=labels)
     return ok, [
         (dict(impl="fused", backend="cpu"), ValueError,
-         "impl='fused' is the all-Triton head: it needs the triton backend, not 'cpu'"),
+         "impl='fused' is the all-Triton head: it needs the triton backend and fp32/bf16/fp16 hidden states; this "
+         "call runs on 'cpu'"),
         (dict(keep_logits="yes"), ValueError, "keep_logits must be True, False or 'auto', got 'yes'"),
         (dict(keep_logits=None), ValueError, "keep_logits must be True, False or 'auto', got None"),
+        (dict(keep_logits=1), ValueError, "keep_logits must be True, False or 'auto', got 1"),
         (dict(impl="nope"), ValueError, "unknown impl 'nope'; valid: tile, fused"),
         (dict(impl="fused", backend="triton", deterministic=True), ValueError,
          "impl='fused' never builds a logits tile: keep_logits=True and deterministic=True need impl='tile'"),
