@@ -52,12 +52,11 @@ class Knobs:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     bf16: bool | None = knob(None, "bf16 autocast (default: on with CUDA only)")
     backend: str | None = knob(None, "kernels: triton, cpu or reference (default: by device)")
-    # fused on the CPU too: its chunked torch path steps the tiny default as fast as the logits do
-    # (about 0.5 s per DPO + SFT micro-batch each, within the noise of a shared 2-core machine)
+    # fused on the CPU too: its tile path is torch.mm + the native row kernels
     head: str = knob(
         "fused",
         "fused: log-probs from the last hidden states and the output layer, the logits never built "
-        "(dk.dpo_loss_from_hidden; Triton on CUDA, chunked torch on the CPU, as fast for the tiny model); "
+        "(dk.dpo_loss_from_hidden: vendor GEMM tiles + the log-prob row kernels, on CUDA and the CPU); "
         "logits: the model's logits (dk.dpo_loss_from_logits)",
     )
     trainer: str = knob(
