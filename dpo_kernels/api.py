@@ -10,6 +10,7 @@ import torch
 from dpo_kernels import checks, dispatch
 from dpo_kernels import custom_ops as C
 from dpo_kernels import losses as L
+from dpo_kernels import pairs as P
 from dpo_kernels import reference as R
 from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, SequenceStats, TokenStats
 
@@ -243,13 +244,6 @@ def sequence_logps(
 # dpo_loss
 
 
-def _metrics(kernel_metrics: torch.Tensor, stats: SequenceStats | None) -> dict[str, torch.Tensor]:
-    metrics = dict(zip(L.REWARD_METRICS, kernel_metrics.unbind(0)))
-    if stats is not None:
-        metrics.update({k: v.float() for k, v in R.stats_metrics(stats).items()})
-    return metrics
-
-
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -337,78 +331,12 @@ def dpo_loss(
         rejected_rewards=rewards[1],
         chosen_logps=pc,
         rejected_logps=pr,
-        metrics=_metrics(metrics, sequence_stats),
+        metrics=P.metrics(metrics, sequence_stats),
     ).detached_details()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The per-sequence end of the from-logits and from-hidden paths
-
-
-def _resolve_reference(ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free, B: int, device, compute):
-    """The reference's [B] chosen and rejected log-probs, without gradient (TRL detaches the reference): the
-    precomputed ones (floating point, kept in their precision), `compute()` run under no_grad for `ref_logits` /
-    `ref_hidden`, or zeros for `reference_free=True`."""
-    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
-    if given[0] != given[1]:
-        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
-    if given[0] + (ref_logits is not None) + bool(reference_free) != 1:
-        raise ValueError(
-            "give the reference exactly one way: ref_chosen_logps and ref_rejected_logps, or ref_logits, "
-            "or reference_free=True"
-        )
-    if reference_free:
-        zeros = torch.zeros(B, dtype=torch.float64, device=device)
-        return zeros, zeros
-    if ref_logits is not None:
-        with torch.no_grad():
-            ref = compute()
-        return ref[:B], ref[B:]
-    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(value)}")
-        checks.check_pair_vector(value, name, B, device)
-    return ref_chosen_logps.detach(), ref_rejected_logps.detach()
-
-
-def _loss_from_sequences(
-    seq: SequenceLogps,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    *,
-    config: L.LossConfig,
-    use_weighting: bool,
-    return_stats: bool,
-    backend: str,
-    out_dtype: torch.dtype,
-) -> DPOOutput:
-    """The policy's sequence sums [2B] (chosen first, float64) and the reference's [B] → `DPOOutput` in `out_dtype`,
-    with the token counts as lengths, the plain chosen sums for sft, WPO weights and the stats metrics. The
-    log-ratios are formed in float64; the Triton kernel does the rest in fp32, the reference in float64."""
-    B = seq.n_tokens.shape[0] // 2
-    n = seq.n_tokens
-    if backend == "triton" and out_dtype != torch.float64:
-        pair_weights = None
-        if use_weighting:
-            w = R.wpo_weights(seq)
-            pair_weights = w[:B] * w[B:]
-        stats = seq.stats if return_stats else None
-        loss, losses, rewards, metrics = C.kernel_loss(
-            seq.logps[:B],
-            seq.logps[B:],
-            rc,
-            rr,
-            config,
-            lengths=(n[:B], n[B:]),
-            pair_weights=pair_weights,
-            sft_sum=seq.raw_logps[:B],
-            sft_count=n[:B],
-        )
-        out = DPOOutput(loss, losses, rewards[0], rewards[1], seq.logps[:B], seq.logps[B:], _metrics(metrics, stats))
-    else:
-        options = dict(use_weighting=use_weighting, return_stats=return_stats, **config.options())
-        out = R.dpo_loss_from_sequences(seq, rc, rr, **options)
-    return out.to(out_dtype).detached_details()
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -507,19 +435,17 @@ def dpo_loss_from_logits(
         )
 
     with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
-        rc, rr = _resolve_reference(
-            ref_chosen_logps,
-            ref_rejected_logps,
-            ref_logits,
-            reference_free,
-            B,
-            logits.device,
-            lambda: sequences(ref_logits, False, False).logps,
-        )
+        computed = None if ref_logits is None else "ref_logits"
+        ref = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, logits.device)
+        if ref is None:
+            with torch.no_grad():
+                logps = sequences(ref_logits, False, False).logps
+            ref = logps[:B], logps[B:]
+        rc, rr = ref
         out_dtype = _out_dtype(logits)
         if chosen != "triton":
             seq = sequences(logits, with_stats, inplace_grad)
-            return _loss_from_sequences(
+            return P.loss_from_sequences(
                 seq,
                 rc,
                 rr,
@@ -552,7 +478,7 @@ def dpo_loss_from_logits(
             rejected_rewards=rewards[1],
             chosen_logps=sums[0, :B].float(),
             rejected_logps=sums[0, B:].float(),
-            metrics=_metrics(metrics, stats),
+            metrics=P.metrics(metrics, stats),
         ).detached_details()
 
 
@@ -830,11 +756,15 @@ def dpo_loss_from_hidden(
         return sequences(ref_hidden, w, b, False).logps
 
     with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
-        rc, rr = _resolve_reference(
-            ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free, B, hidden.device, reference_sequences
-        )
+        computed = None if ref_hidden is None else "ref_hidden"
+        ref = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, hidden.device)
+        if ref is None:
+            with torch.no_grad():
+                logps = reference_sequences()
+            ref = logps[:B], logps[B:]
+        rc, rr = ref
         seq = sequences(hidden, weight, bias, return_stats or use_weighting)
-        return _loss_from_sequences(
+        return P.loss_from_sequences(
             seq,
             rc,
             rr,

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from dpo_kernels import api, checks, dispatch
 from dpo_kernels import losses as L
-from dpo_kernels import reference as R
+from dpo_kernels import pairs as P
 from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, TokenStats
 
 __all__ = [
@@ -353,27 +353,6 @@ def token_logps(
     return (logps, _token_stats(stats, labels.shape)) if return_stats else logps
 
 
-def _precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed: bool, reference_free: bool, B, device):
-    """The reference's [B] log-probs when given precomputed or reference-free (None when computed here); refuses
-    anything but exactly one way."""
-    given = [ref_chosen_logps is not None, ref_rejected_logps is not None]
-    if given[0] != given[1] or given[0] + computed + bool(reference_free) != 1:
-        raise ValueError(
-            "give the reference exactly one way: ref_chosen_logps and ref_rejected_logps, or the "
-            "reference's logits / hidden states, or reference_free=True"
-        )
-    if reference_free:
-        zeros = torch.zeros(B, dtype=torch.float64, device=device)
-        return zeros, zeros
-    if computed:
-        return None
-    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {checks.describe(value)}")
-        checks.check_pair_vector(value, name, B, device)
-    return ref_chosen_logps.detach(), ref_rejected_logps.detach()
-
-
 def _loss(
     lp,
     stats,
@@ -387,20 +366,20 @@ def _loss(
     return_stats,
     ignore_index,
     config: L.LossConfig,
-    small: str,
-    out_dtype,
+    backend: str,
 ) -> DPOOutput:
-    """Token log-probs (the same on every rank) → sequence sums → the loss, as the single-process functions do."""
+    """Token log-probs (the same on every rank) → sequence sums → the loss, as the single-process functions do
+    (`pairs.loss_from_sequences`, on `backend`: the one the kernels ran on)."""
     mask = labels != ignore_index  # the scored mask, not the labels: labels of only 0s and 1s are labels here
-    sums = dict(ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, backend=small)
+    sums = dict(ld_alpha=ld_alpha, cu_seqlens=cu_seqlens, backend=backend)
     token_stats = _token_stats(stats, labels.shape) if stats is not None else None
     seq: SequenceLogps = api.sequence_logps(lp, mask, token_stats=token_stats, **sums)
     if rc_rr is None:
         ref = api.sequence_logps(ref_lp, mask, **sums).logps.detach()
         B = ref.shape[0] // 2
         rc_rr = ref[:B], ref[B:]
-    options = dict(use_weighting=use_weighting, return_stats=return_stats, **config.options())
-    return R.dpo_loss_from_sequences(seq, *rc_rr, **options).to(out_dtype).detached_details()
+    options = dict(config=config, use_weighting=use_weighting, return_stats=return_stats)
+    return P.loss_from_sequences(seq, *rc_rr, **options, backend=backend, out_dtype=torch.float32)
 
 
 def dpo_loss_from_logits(
@@ -441,9 +420,8 @@ def dpo_loss_from_logits(
     if ref_logits is not None and ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
     B = checks.check_even_rows(checks.check_layout(logits, cu_seqlens, "logits", "V"))
-    rc_rr = _precomputed_reference(
-        ref_chosen_logps, ref_rejected_logps, ref_logits is not None, reference_free, B, logits.device
-    )
+    computed = None if ref_logits is None else "ref_logits"
+    rc_rr = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, logits.device)
     lp, stats, ref_lp, local = _sharded_logps(
         logits,
         labels,
@@ -454,7 +432,6 @@ def dpo_loss_from_logits(
         return_stats=return_stats or use_weighting,
         backend=backend,
     )
-    small = "triton" if dispatch.pick(local, backend) == "triton" else "reference"
     return _loss(
         lp,
         stats,
@@ -467,8 +444,7 @@ def dpo_loss_from_logits(
         return_stats=return_stats,
         ignore_index=ignore_index,
         config=config,
-        small=small,
-        out_dtype=torch.float32,
+        backend=dispatch.pick(local, backend),
     )
 
 
@@ -786,9 +762,8 @@ def dpo_loss_from_hidden(
         raise ValueError(
             f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's {tuple(hidden.shape)} but for H"
         )
-    rc_rr = _precomputed_reference(
-        ref_chosen_logps, ref_rejected_logps, ref_hidden is not None, reference_free, B, hidden.device
-    )
+    computed = None if ref_hidden is None else "ref_hidden"
+    rc_rr = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, hidden.device)
     ref = None
     if ref_hidden is not None:
         ref = (ref_hidden, weight, bias) if ref_weight is None else (ref_hidden, ref_weight, ref_bias)
@@ -806,7 +781,6 @@ def dpo_loss_from_hidden(
         return_stats=return_stats or use_weighting,
         backend=backend,
     )
-    small = "triton" if dispatch.pick(hidden, backend) == "triton" else "reference"
     return _loss(
         lp,
         stats,
@@ -819,8 +793,7 @@ def dpo_loss_from_hidden(
         return_stats=return_stats,
         ignore_index=ignore_index,
         config=config,
-        small=small,
-        out_dtype=torch.float32,
+        backend=dispatch.pick(hidden, backend),
     )
 
 
