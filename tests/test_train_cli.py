@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_kernels.train.data import BUNDLED_TRAIN, extract_prompt, load_pairs, tokenize_pairs
 from dpo_kernels.train.knobs import Knobs, parse_knobs
@@ -351,3 +352,19 @@ def test_trainer_trl_passes_checkpoints_through(tmp_path, cache_dir):
     assert sorted(p.name for p in (out / "trl").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # ours at the start of DPO: the reference, which TRL's checkpoints do not hold
     assert (out / f"checkpoint-{knobs.sft_steps}" / "trainer_state.pt").exists()
+
+
+@pytest.mark.parametrize("steps, ratio", [(10, 0.2), (7, 0.1), (5, 0.0), (3, 1.0)])
+def test_schedule_is_transformers_cosine_with_warmup(steps, ratio):
+    """The script's schedule is the one TRL's DPOTrainer runs for the same knobs (transformers' cosine with warm-up:
+    0 at step 0), so that --trainer ours and --trainer trl train alike."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from dpo_kernels.train.loop import warmup_cosine
+
+    warmup = math.ceil(ratio * steps)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    ours = warmup_cosine(steps, ratio)
+    for step in range(steps):
+        assert ours(step) == pytest.approx(hf.lr_lambdas[0](step), abs=1e-12), step

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     try:
         train(run)
+        if run.world > 1:  # every rank done (rank 0 writes the model last) before the group is torn down
+            dist.barrier()
     except StopTraining as stop:
         print(f"error: {stop}" if stop.code == 1 else str(stop), file=sys.stderr)
         sys.exit(stop.code)

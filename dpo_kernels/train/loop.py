@@ -491,9 +491,9 @@ def num_tokens(batch: dict) -> int:
 def warmup_cosine(steps: int, warmup_ratio: float):
     warmup = math.ceil(warmup_ratio * steps)
 
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # transformers' get_cosine_schedule_with_warmup, as TRL runs it: 0 at step 0
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     return factor
@@ -781,6 +781,7 @@ class Trainer:
                 )
             else:
                 optimizer.step()
+            lr_used = schedule.get_last_lr()[0]  # logged: the step's own rate, as TRL logs it
             with warnings.catch_warnings():  # a skipped step still moves the schedule: no warning about it
                 warnings.simplefilter("ignore", UserWarning)
                 schedule.step()
@@ -793,8 +794,7 @@ class Trainer:
             )
             if i % knobs.logging_steps == 0 or i == steps:
                 extra = {"skipped_steps": self.skipped} if knobs.skip_nonfinite_steps else {}
-                lr_now = schedule.get_last_lr()[0]
-                self.metrics.flush(phase, step + i, learning_rate=lr_now, grad_norm=float(grad_norm), **extra)
+                self.metrics.flush(phase, step + i, learning_rate=lr_used, grad_norm=float(grad_norm), **extra)
             if phase == "dpo" and knobs.eval_steps and i % knobs.eval_steps == 0 and i < steps:
                 self.evaluate(step + i, "during")
             if (knobs.save_steps and (step + i) % knobs.save_steps == 0) or stop["signal"]:
