@@ -188,7 +188,10 @@ def _combine(parts: list[torch.Tensor], labels: torch.Tensor, shard: VocabShard,
     all-reduces for all of them together."""
     with_stats = [p.shape[0] == len(PARTIALS) for p in parts]
     maxes = [p[[0, 6]] if s else p[:1] for p, s in zip(parts, with_stats)]
-    flat = _all_reduce(torch.cat([m.reshape(-1) for m in maxes]), dist.ReduceOp.MAX, shard.group)
+    # the shards' tiling rides along: max(−start), max(stop) here, Σ columns in the SUM (exact in fp32 below 2^24)
+    span = torch.tensor([-shard.start, shard.stop], dtype=torch.float32, device=parts[0].device)
+    flat = _all_reduce(torch.cat([*(m.reshape(-1) for m in maxes), span]), dist.ReduceOp.MAX, shard.group)
+    flat, span = flat[:-2], flat[-2:]
     maxes = [m.view_as(ref) for m, ref in zip(flat.split([m.numel() for m in maxes]), maxes)]
     owned = (labels >= shard.start) & (labels < shard.stop)
     sums = []
@@ -200,7 +203,10 @@ def _combine(parts: list[torch.Tensor], labels: torch.Tensor, shard: VocabShard,
             top1 = owned & (p[2] >= M) & (p[2] > mx[1])
             rows += [alpha * (p[3] + d * p[1]), alpha * alpha * p[4], p[5], top1.float()]
         sums.append(torch.stack(rows))
-    flat = _all_reduce(torch.cat([t.reshape(-1) for t in sums]), dist.ReduceOp.SUM, shard.group)
+    columns = torch.tensor([float(shard.size)], device=parts[0].device)
+    flat = _all_reduce(torch.cat([*(t.reshape(-1) for t in sums), columns]), dist.ReduceOp.SUM, shard.group)
+    flat, columns = flat[:-1], flat[-1]
+    _check_tiling(span, columns, shard)
     ignored = labels == ignore_index
     # the NaN policy: a NaN or +inf logit anywhere makes L NaN, a row of −inf only L = 0, a label outside [0, V)
     valid = (labels >= 0) & (labels < shard.total)
@@ -217,6 +223,21 @@ def _combine(parts: list[torch.Tensor], labels: torch.Tensor, shard: VocabShard,
             stats = torch.stack([row if row is top1 else _final(row, ok, ignored) for row in rows])
         out.append((logps, lse, stats))
     return out
+
+
+def _check_tiling(span: torch.Tensor, columns: torch.Tensor, shard: VocabShard) -> None:
+    """The ranks' shards must tile [0, V) exactly once, or every output is silently wrong: the first column 0, the
+    last V, V columns in all (an overlap or a gap alone always shows; only an overlap and a gap of the same width
+    together would not). Read on the host for CPU tensors, a device-side assertion elsewhere (no sync)."""
+    ok = (span[0] == 0) & (span[1] == shard.total) & (columns == shard.total)
+    message = (
+        f"the ranks' vocabulary shards must tile [0, {shard.total}) exactly once (each rank's vocab_start is its "
+        "first global column, and the column counts add up to vocab_size)"
+    )
+    if span.device.type != "cpu":
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(f"{message}; this rank has [{shard.start}, {shard.stop})")
 
 
 def _final(value: torch.Tensor, ok: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,8 @@ def scenario_token_logps(rank: int, world: int, backend: str) -> None:
 
         what = f"{dtype} {layout}"
         assert [c for c, _ in fwd] == ["all_reduce"] * 2, (what, fwd)
-        assert [nbytes for _, nbytes in fwd] == [2 * 9 * 4, 6 * 9 * 4], (what, fwd)  # [m, max before], 6 sums
+        # [m, max before] + the tiling's 2, 6 sums + its column count
+        assert [nbytes for _, nbytes in fwd] == [2 * 9 * 4 + 8, 6 * 9 * 4 + 4], (what, fwd)
         assert bwd == [], (what, bwd)
         assert_out(plp, lp, what)
         for name in ("entropy", "mean_logit", "log_sum_sq_probs"):
@@ -206,7 +207,7 @@ def scenario_token_logps_only(rank: int, world: int, backend: str) -> None:
     with counted() as fwd:
         plp = dkp.token_logps(sharded, labels3, backend=backend, **kwargs)
     (pgrad,) = torch.autograd.grad(plp, sharded, torch.ones_like(plp))
-    assert [nbytes for _, nbytes in fwd] == [1 * 8 * 4, 2 * 8 * 4], fwd
+    assert [nbytes for _, nbytes in fwd] == [1 * 8 * 4 + 8, 2 * 8 * 4 + 4], fwd
     assert_out(plp, lp)
     torch.testing.assert_close(pgrad, grad[..., start:stop], equal_nan=True, **GRAD_TOL[torch.float32])
 
@@ -268,7 +269,7 @@ def scenario_dpo_from_logits(rank: int, world: int, backend: str) -> None:
     with counted() as bwd:
         (pgrad,) = torch.autograd.grad(out.loss + out.chosen_logps.sum(), local)
     N = packed.shape[0]
-    assert [nbytes for _, nbytes in fwd] == [(2 + 1) * N * 4, (6 + 2) * N * 4], fwd  # policy with stats + ref
+    assert [nbytes for _, nbytes in fwd] == [(2 + 1) * N * 4 + 8, (6 + 2) * N * 4 + 4], fwd  # policy with stats + ref
     assert bwd == [], bwd
     _assert_dpo(out, ref, "packed ld wpo ref_logits")
     torch.testing.assert_close(pgrad, grad[:, start:stop], **GRAD_TOL[torch.float32])
@@ -341,6 +342,9 @@ def scenario_bad_inputs(rank: int, world: int, backend: str) -> None:
     kw = dict(backend=backend)
     with pytest.raises(ValueError, match="pass process_group, vocab_start"):
         dkp.token_logps(local, labels, **kw)
+    wrong = rank * (V // world)  # the even split's start, but torch.chunk's shards are ceil(V / world) wide
+    with pytest.raises(ValueError, match=r"shards must tile \[0, 37\) exactly once"):
+        dkp.token_logps(local, labels, process_group=group, vocab_start=wrong, vocab_size=V, **kw)
     with pytest.raises(ValueError, match="must lie in the vocabulary"):
         dkp.token_logps(local, labels, process_group=group, vocab_start=V - 1, vocab_size=V, **kw)
     with pytest.raises(ValueError, match="drop process_group"):
