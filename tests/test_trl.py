@@ -200,15 +200,15 @@ def assert_grad_close_scaled(out: torch.Tensor, ref: torch.Tensor, name: str) ->
     torch.testing.assert_close(out, ref, rtol=GRAD_TOL_TRAINER["rtol"], atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def assert_same_step(ours, theirs, errors: dict | None = None):
+def assert_same_step(ours, theirs, errors: dict | None = None, out_tol: dict = OUT_TOL):
     loss, metrics, grads, batch = ours
     loss_t, metrics_t, grads_t, batch_t = theirs
     assert torch.equal(batch["input_ids"], batch_t["input_ids"]), "the two trainers saw different batches"
-    torch.testing.assert_close(loss, loss_t, **OUT_TOL)
+    torch.testing.assert_close(loss, loss_t, **out_tol)
     assert list(metrics) == list(metrics_t), "metric keys (or their order) differ from TRL's"
     for key in metrics_t:
         torch.testing.assert_close(
-            float(metrics[key]), float(metrics_t[key]), msg=lambda m, key=key: f"{key}: {m}", **OUT_TOL
+            float(metrics[key]), float(metrics_t[key]), msg=lambda m, key=key: f"{key}: {m}", **out_tol
         )
     assert grads.keys() == grads_t.keys()
     for name in grads_t:

@@ -58,13 +58,19 @@ def _sequence_logps(trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return seen["out"].chosen_logps.detach(), seen["out"].rejected_logps.detach()
 
 
+# Packed against padded: the backbones differ too (attention over a packed row vs a padded one), by fp32 rounding that
+# ipo's square and the f-divergences' exp amplify in the loss: seen 1.35e-5 relative at a loss of 5.5e4 (ipo +
+# alpha_divergence); the gradients keep test_trl.py's tolerance.
+PACKED_OUT_TOL = {**OUT_TOL, "rtol": 1e-4}
+
+
 @pytest.mark.parametrize("options", [pytest.param(o, id=i) for i, o in LOSS_CASES])
 def test_padding_free_step_matches_padded(setup, options):
     """Every loss case of test_trl.py, packed: TRL's padded loss, metrics and gradients; our padded per-sequence
     log-probs."""
     packed, theirs = _packed(setup, options), trl_trainer(setup, options)
     batch = first_batch(theirs)
-    assert_same_step(one_step(packed, batch), one_step(theirs, batch))
+    assert_same_step(one_step(packed, batch), one_step(theirs, batch), out_tol=PACKED_OUT_TOL)
     padded = our_trainer(setup, options)
     for a, b in zip(_sequence_logps(packed, batch), _sequence_logps(padded, batch)):
         torch.testing.assert_close(a, b, **OUT_TOL)
@@ -95,7 +101,7 @@ def test_padding_free_segment_boundaries(setup):
     assert torch.equal(view.lengths, batch["completion_mask"].sum(1))
     assert torch.equal(view.counts + batch["completion_mask"][:, 0], view.lengths)
 
-    assert_same_step(one_step(packed, batch), one_step(theirs, batch))
+    assert_same_step(one_step(packed, batch), one_step(theirs, batch), out_tol=PACKED_OUT_TOL)
 
 
 def test_padding_free_precomputed_reference_matches_trl(setup):
