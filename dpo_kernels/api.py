@@ -42,6 +42,8 @@ def _unsliced(logits: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
         torch.compiler.is_compiling()  # the compiler's own slice backward is fused
         or not torch.is_grad_enabled()
         or logits.grad_fn is None
+        or logits.retains_grad  # the window's own .grad or hooks are asked for: keep it in the graph
+        or logits._backward_hooks
         or base is None
         or not base.requires_grad
         or not base.is_contiguous()

@@ -561,3 +561,20 @@ def test_values_read_once_per_call(monkeypatch, backend, entry):
         dk.dpo_loss_from_hidden(h, torch.randn(V, 8), labels, ref_hidden=h, backend=backend, use_weighting=True)
     expected = [(2 * B * T,), (2 * B + 1,)] if entry == "packed" else [(2 * B, T)]
     assert sorted(reads) == sorted(expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sliced_logits_keep_their_grad_and_hooks(backend):
+    """A window whose own gradient is asked for (retain_grad, a hook) stays in the graph: its .grad and hooks see the
+    window's gradient, and the whole tensor's gradient is the same as without them."""
+    logits, labels, _, _ = _batch(2, 7, 37, torch.float32)
+    full = torch.cat([logits, logits[:, :1]], dim=1).requires_grad_()
+    x = full[:, :-1]
+    x.retain_grad()
+    seen = []
+    x.register_hook(lambda g: seen.append(g.clone()))
+    dk.token_logps(x, labels, backend=backend).sum().backward()
+    ref = full.detach().clone().requires_grad_()
+    dk.token_logps(ref[:, :-1], labels, backend=backend).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, full.grad[:, :-1]) and torch.equal(seen[0], x.grad)
+    assert torch.equal(full.grad, ref.grad)
