@@ -170,6 +170,11 @@ def test_trainer_trl(tmp_path, cache_dir):
     pytest.importorskip("trl")
     knobs = tiny_knobs(tmp_path, cache_dir, trainer="trl", max_steps=4, logging_steps=2)
     result = train(prepare(knobs))
+    # --padding-free through the drop-in (TRL 1.16 itself ignores padding_free): the same DPO curve
+    packed = tiny_knobs(tmp_path / "packed", cache_dir, trainer="trl", max_steps=4, logging_steps=2, padding_free=True)
+    train(prepare(packed))
+    curves = [[r["loss"] for r in read_records(k) if r["phase"] == "dpo" and "loss" in r] for k in (knobs, packed)]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
     assert result["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(result["after"]["loss"])
     records = read_records(knobs)

@@ -141,8 +141,6 @@ def prepare(knobs: Knobs) -> Run:
     if knobs.backend not in (None, *BACKENDS):
         raise ValueError(f"unknown --backend {knobs.backend!r}; valid: {', '.join(BACKENDS)}")
     if knobs.trainer == "trl":
-        if knobs.padding_free:
-            raise ValueError("--padding-free does not work with --trainer trl (TRL 1.16 ignores padding_free)")
         if importlib.util.find_spec("trl") is None:
             raise ValueError("--trainer trl needs TRL: pip install dpo-kernels[trl]")
     if "tensorboard" in knobs.report_to and importlib.util.find_spec("tensorboard") is None:

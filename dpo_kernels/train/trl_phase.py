@@ -45,6 +45,7 @@ def trl_config(knobs: Knobs, **extra):
         bf16=knobs.bf16,
         activation_checkpointing=knobs.gradient_checkpointing,  # gradient_checkpointing, renamed
         precompute_ref_log_probs=knobs.precompute_ref_log_probs,
+        padding_free=knobs.padding_free,  # TRL 1.16 ignores it; dpo_kernels' DPOTrainer packs the rows
         sync_ref_model=knobs.ref_model_sync_steps > 0,
         ref_model_sync_steps=max(1, knobs.ref_model_sync_steps),
         ref_model_mixup_alpha=knobs.ref_model_mixup_alpha,
