@@ -36,12 +36,26 @@ TILE_BYTES = 256 * 2**20  # one [chunk_rows, V] tile: 1046 rows at V = 128256 in
 MAX_ROWS = 4096  # rows per chunk at most (small vocabularies): GEMMs this tall already run at the card's rate
 DETERMINISTIC_ROWS = 512  # pad=True: every forward GEMM has this many rows at most (the padding costs up to that)
 KEEP_LOGITS_BYTES = 2 * 2**30  # keep_logits="auto": keep the forward's tiles when all of them fit in this
+VOCAB_SPLIT = 2**18  # vocabularies from 256k columns up run in blocks of at most VOCAB_BLOCK columns
+VOCAB_BLOCK = 2**17
+
+
+def vocab_blocks(V: int) -> list[tuple[int, int]]:
+    """The column blocks [v0, v1) of a tile: the whole vocabulary below VOCAB_SPLIT, else even blocks of at most
+    VOCAB_BLOCK columns (their row partials are merged: the kernels' partial mode, as across vocabulary shards)."""
+    if V < VOCAB_SPLIT:
+        return [(0, V)]
+    count = -(-V // VOCAB_BLOCK)
+    size = -(-V // count)
+    return [(v0, min(V, v0 + size)) for v0 in range(0, V, size)]
 
 
 def chunk_rows(V: int, tile_dtype: torch.dtype, pad: bool = False) -> int:
-    """Rows per chunk: a tile of at most TILE_BYTES (at least one row, at most MAX_ROWS, DETERMINISTIC_ROWS with
-    `pad`); independent of the batch, so that `pad=True` gives every call the same GEMM shape."""
-    return max(1, min(DETERMINISTIC_ROWS if pad else MAX_ROWS, TILE_BYTES // (V * tile_dtype.itemsize)))
+    """Rows per chunk: a tile (of one vocabulary block) of at most TILE_BYTES (at least one row, at most MAX_ROWS,
+    DETERMINISTIC_ROWS with `pad`); independent of the batch, so that `pad=True` gives every call the same GEMM
+    shape."""
+    width = max(v1 - v0 for v0, v1 in vocab_blocks(V))
+    return max(1, min(DETERMINISTIC_ROWS if pad else MAX_ROWS, TILE_BYTES // (width * tile_dtype.itemsize)))
 
 
 def tile_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -124,25 +138,75 @@ def linear_logprobs_fwd(
     temp = temperature if softcap is not None else temperature / logit_scale
     kept = None
     dtype = tile_dtype(hidden, weight)
-    if keep and n:
+    blocks = vocab_blocks(V)
+    if keep and n and len(blocks) == 1:  # split vocabularies recompute (a kept tile would be all of V)
         kept = hidden.new_empty(-(-n // rows) * rows if pad else n, V, dtype=dtype)
     for c0, c1 in _chunks(n, rows):
         idx = scored[c0:c1]
-        # the GEMM writes the kept tile in place where it can (no autocast cast in between), else a copy
-        into = kept[c0 : c0 + (rows if pad else c1 - c0)] if kept is not None and dtype == hidden.dtype else None
-        y = _gemm(hidden.index_select(0, idx), weight, bias, rows if pad else 0, out=into)
-        if kept is not None and into is None:
-            kept[c0 : c0 + y.shape[0]] = y
-        y = y[: c1 - c0]
-        z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
-        lp, ls, st = kernels.logprobs_fwd(
-            z, labels[idx], ignore_index=ignore_index, temperature=temp, return_stats=return_stats
-        )
+        h = hidden.index_select(0, idx)
+        if len(blocks) > 1:
+            transform = (ignore_index, temp, softcap, logit_scale, return_stats, rows if pad else 0)
+            lp, ls, st = _split_fwd(h, weight, bias, labels[idx], blocks, kernels, transform)
+        else:
+            # the GEMM writes the kept tile in place where it can (no autocast cast in between), else a copy
+            into = kept[c0 : c0 + (rows if pad else c1 - c0)] if kept is not None and dtype == hidden.dtype else None
+            y = _gemm(h, weight, bias, rows if pad else 0, out=into)
+            if kept is not None and into is None:
+                kept[c0 : c0 + y.shape[0]] = y
+            y = y[: c1 - c0]
+            z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
+            lp, ls, st = kernels.logprobs_fwd(
+                z, labels[idx], ignore_index=ignore_index, temperature=temp, return_stats=return_stats
+            )
+            del y, z  # before the next chunk's tile exists
         logps[idx], lse[idx] = lp, ls
         if stats is not None:
             stats[:, idx] = st
-        del y, z  # before the next chunk's tile exists
     return logps, lse, stats, kept
+
+
+def _split_fwd(h, weight, bias, labels, blocks, kernels, transform):
+    """One chunk of rows over a split vocabulary: each block's row partials, merged, then finalized (the combine of
+    `dpo_kernels.parallel` over one process: nothing to reduce)."""
+    from dpo_kernels import parallel
+
+    ignore_index, temp, softcap, logit_scale, stats, pad_rows = transform
+    V, n = weight.shape[0], h.shape[0]
+    parts = []
+    for v0, v1 in blocks:
+        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows)[:n]
+        z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
+        options = dict(ignore_index=ignore_index, temperature=temp, return_stats=stats)
+        parts.append(kernels.logprobs_partial_fwd(z, labels, vocab_start=v0, vocab_size=V, **options))
+        del y, z
+    merged = parallel.merge_partials(parts)
+    ((lp, ls, st),) = parallel.combine_partials([merged], labels, parallel.VocabShard(None, 0, V, V), ignore_index)
+    return lp, ls, st
+
+
+def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, options, grads) -> torch.Tensor:
+    """One chunk of rows over a split vocabulary, backward: each block's tile recomputed, its dy from the whole rows'
+    lse (and entropy), dH summed over the blocks in fp32, dW / db written or accumulated block by block. Returns
+    dH of the chunk."""
+    ignore_index, temp, softcap, logit_scale, pad_rows = options
+    grad_weight, grad_bias, one_chunk = grads
+    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for v0, v1 in blocks:
+        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows)[: h.shape[0]]
+        u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
+        dy = kernels.logprobs_bwd(u, labels, lse, g, ignore_index=ignore_index, temperature=temp, grad_entropy=g_h,
+                                  entropy=h_e, inplace=True, vocab_start=v0)  # fmt: skip
+        if du_dy is not None:
+            dy = (dy.float() * du_dy).to(dy.dtype)
+        dh += torch.mm(dy, weight[v0:v1])
+        if grad_weight is not None and one_chunk:
+            grad_weight[v0:v1] = torch.mm(dy.T, h)
+        elif grad_weight is not None:
+            _add_mm(grad_weight[v0:v1], dy.T, h)
+        if grad_bias is not None:
+            grad_bias[v0:v1] += dy.sum(0, dtype=torch.float32)
+        del y, u, dy
+    return dh
 
 
 def linear_logprobs_bwd(
@@ -174,23 +238,34 @@ def linear_logprobs_bwd(
     grad_hidden = torch.zeros_like(hidden)
     one_chunk = 0 < n <= rows
     grad_weight = grad_bias = None
-    if weight_grad:  # one chunk: one GEMM in the weight's dtype; more (or none): accumulated in fp32
-        grad_weight = None if one_chunk else torch.zeros_like(weight, dtype=torch.float32)
+    blocks = vocab_blocks(weight.shape[0])
+    if weight_grad:  # one chunk: one GEMM in the weight's dtype (per block); more (or none): accumulated in fp32
+        if one_chunk and len(blocks) > 1:
+            grad_weight = torch.empty_like(weight)
+        elif not one_chunk:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         if bias is not None:
             grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     scratch = None
     for c0, c1 in _chunks(n, rows):
         idx = scored[c0:c1]
         h = hidden.index_select(0, idx)
+        g = None if grad_logps is None else grad_logps[idx]
+        g_h = None if grad_entropy is None else grad_entropy[idx]
+        h_e = None if grad_entropy is None else entropy[idx]
+        if len(blocks) > 1:
+            options = (ignore_index, temp, softcap, logit_scale, rows if pad else 0)
+            grads = (grad_weight, grad_bias, one_chunk)
+            dh = _split_bwd(h, weight, bias, labels[idx], lse[idx], g, g_h, h_e, blocks, kernels, options, grads)
+            grad_hidden[idx] = dh.to(hidden.dtype)
+            del dh, h
+            continue
         if kept is None:
             y = _gemm(h, weight, bias, rows if pad else 0)[: c1 - c0]
         else:  # the kept tile is read, the gradient written into a scratch tile (reused across chunks)
             y = kept[c0:c1]
             scratch = torch.empty_like(y) if scratch is None or scratch.shape[0] < y.shape[0] else scratch
         u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
-        g = None if grad_logps is None else grad_logps[idx]
-        g_h = None if grad_entropy is None else grad_entropy[idx]
-        h_e = None if grad_entropy is None else entropy[idx]
         write_into = u if kept is None or softcap is not None else scratch[: c1 - c0]
         dy = kernels.logprobs_bwd(
             u,

@@ -157,6 +157,8 @@ def _kernels(x: torch.Tensor, backend: str | None, name: str):
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    if group is None:  # one process holds every block (chunked.py's vocabulary split): nothing to reduce
+        return t
     dist.all_reduce(t, op=op, group=group)  # through the module attribute: the tests count the calls
     return t
 
@@ -169,7 +171,7 @@ def _shift(m: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return d, torch.where(empty, 0.0, d.exp())
 
 
-def _merge(pieces: list[torch.Tensor]) -> torch.Tensor:
+def merge_partials(pieces: list[torch.Tensor]) -> torch.Tensor:
     """Partials of consecutive column tiles of one shard ([P, n] each) → the shard's partials."""
     if len(pieces) == 1:
         return pieces[0]
@@ -183,7 +185,9 @@ def _merge(pieces: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _combine(parts: list[torch.Tensor], labels: torch.Tensor, shard: VocabShard, ignore_index: int) -> list[tuple]:
+def combine_partials(
+    parts: list[torch.Tensor], labels: torch.Tensor, shard: VocabShard, ignore_index: int
+) -> list[tuple]:
     """Each [P, N] partials tensor of this rank → (logps, lse, stats [4, N] | None), the same on every rank, in two
     all-reduces for all of them together."""
     with_stats = [p.shape[0] == len(PARTIALS) for p in parts]
@@ -266,7 +270,7 @@ class _ShardedLogps(torch.autograd.Function):
         parts = [kernels.logprobs_partial_fwd(local, labels, **opts, return_stats=return_stats)]
         if ref_local is not None:
             parts.append(kernels.logprobs_partial_fwd(ref_local, labels, **opts))
-        outs = _combine(parts, labels, shard, ignore_index)
+        outs = combine_partials(parts, labels, shard, ignore_index)
         logps, lse, stats = outs[0]
         stats = logps.new_empty(0, logps.shape[0]) if stats is None else stats
         ref_logps = outs[1][0] if ref_local is not None else logps.new_empty(0)
@@ -526,7 +530,7 @@ def _head_partials(hidden, weight, bias, labels, head: _Head, return_stats: bool
             head.kernels.logprobs_partial_fwd(u, y, vocab_start=head.shard.start + v0, **opts)
             for v0, _, _, u, _ in _tiles(h, weight, bias, head)
         ]
-        out[:, rows] = _merge(pieces)
+        out[:, rows] = merge_partials(pieces)
     return out
 
 
@@ -546,7 +550,7 @@ class _ShardedLinearLogps(torch.autograd.Function):
         parts = [_head_partials(hidden, weight, bias, labels, head, return_stats)]
         if ref is not None:
             parts.append(_head_partials(*ref, labels, head, False))
-        outs = _combine(parts, labels, head.shard, head.ignore_index)
+        outs = combine_partials(parts, labels, head.shard, head.ignore_index)
         logps, lse, stats = outs[0]
         stats = logps.new_empty(0, logps.shape[0]) if stats is None else stats
         ref_logps = outs[1][0] if ref is not None else logps.new_empty(0)

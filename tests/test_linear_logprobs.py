@@ -354,6 +354,34 @@ def test_tile_keep_logits_changes_nothing(backend, dtype):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("backend", TILE_BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"keep_logits": True}, {"deterministic": True}], ids=["plain", "keep", "det"])
+def test_tile_vocab_split(backend, options, monkeypatch):
+    """A vocabulary split into column blocks (from chunked.VOCAB_SPLIT columns; shrunk here): the blocks' row
+    partials merged as across vocabulary shards, the backward block by block from the whole rows' lse: values,
+    stats (is_top1 with ties across a block boundary) and gradients as the float64 oracle, several row chunks."""
+    from dpo_kernels import chunked
+
+    monkeypatch.setattr(chunked, "VOCAB_SPLIT", 128)
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 64)
+    assert len(chunked.vocab_blocks(200)) == 4
+    opts = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
+    hidden, weight, bias, labels = _problem(37, 32, 200, torch.float32, bias=True)
+    # rows 3 and 4 peak on a tie across the block boundary at 50 (columns 49 and 50): the first column wins
+    hidden[4] = hidden[3]
+    weight[49] = weight[50] = 0.5 * hidden[3]
+    bias[50] = bias[49]
+    labels[3], labels[4] = 49, 50
+    g, g_h = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    logps, st, grads = _run_tile(hidden, weight, bias, labels, g, g_h, backend=backend, **opts, **options)
+    logps_ref, _, st_ref, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g, g_h, **opts)
+    assert_out_close(logps, logps_ref)
+    for k in (0, 1, 3):
+        assert_out_close(st[k], getattr(st_ref, STAT_NAMES[k]).double())
+    assert torch.equal(st[2] > 0.5, st_ref.is_top1) and st_ref.is_top1[3] and not st_ref.is_top1[4]
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+
+
 def test_tile_linear_token_logps_edges():
     """Every token ignored, a label out of range (NaN there, is_top1 0, like the kernels), no stats requested."""
     hidden, weight, _, _ = _problem(4, 8, 30, torch.float32)
