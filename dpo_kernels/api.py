@@ -596,7 +596,8 @@ def linear_token_logps(
             carries a gradient.
         keep_logits: keep the forward's tiles for the backward instead of recomputing them (one GEMM fewer, at
             scored rows × V × 2 bytes in bf16): "auto" keeps them when they fit in `chunked.KEEP_LOGITS_BYTES`
-            (2 GiB), True always, False never.
+            (2 GiB), True always, False never. Vocabularies split into column blocks (from
+            `chunked.VOCAB_SPLIT`, 256k) always recompute.
         deterministic: every forward GEMM gets the same shape (chunks of `chunked.DETERMINISTIC_ROWS` rows at most,
             the last one padded), so that a row's log-prob does not depend on the other rows of the batch (batch
             invariance of the log-probs, at the cost of the padding's GEMM rows; the gradients' GEMMs are not padded).
