@@ -443,12 +443,6 @@ BAD_OPTIONS = [
     ),
     pytest.param({"head": "lm"}, ValueError, "unknown --head 'lm'", id="head"),
     pytest.param({"trainer": "hf"}, ValueError, "unknown --trainer 'hf'", id="trainer"),
-    pytest.param(
-        {"trainer": "trl", "padding_free": True},
-        ValueError,
-        "--padding-free does not work with --trainer trl",
-        id="trl-padding-free",
-    ),
     pytest.param({"model": "/no/such/model"}, FileNotFoundError, "local checkpoint", id="model"),
 ]
 
