@@ -341,6 +341,18 @@ def dpo_loss(
 # The per-sequence end of the from-logits and from-hidden paths
 
 
+def _reference(ref_chosen_logps, ref_rejected_logps, ref_input, reference_free, B: int, device, compute):
+    """The reference's [B] chosen and rejected log-probs: precomputed, zeros (reference_free), or `compute()` of
+    `ref_input` (the reference's logits / hidden states) under no_grad; exactly one way (`pairs`)."""
+    computed = None if ref_input is None else "ref_input"
+    ref = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, device)
+    if ref is not None:
+        return ref
+    with torch.no_grad():
+        logps = compute()
+    return logps[:B], logps[B:]
+
+
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
     """The outputs' dtype for logits / hidden states of t's dtype: fp32, float64 for float64."""
     return torch.promote_types(t.dtype, torch.float32)
@@ -437,13 +449,8 @@ def dpo_loss_from_logits(
         )
 
     with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
-        computed = None if ref_logits is None else "ref_logits"
-        ref = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, logits.device)
-        if ref is None:
-            with torch.no_grad():
-                logps = sequences(ref_logits, False, False).logps
-            ref = logps[:B], logps[B:]
-        rc, rr = ref
+        given = (ref_chosen_logps, ref_rejected_logps, ref_logits, reference_free)
+        rc, rr = _reference(*given, B, logits.device, lambda: sequences(ref_logits, False, False).logps)
         out_dtype = _out_dtype(logits)
         if chosen != "triton":
             seq = sequences(logits, with_stats, inplace_grad)
@@ -759,13 +766,8 @@ def dpo_loss_from_hidden(
         return sequences(ref_hidden, w, b, False).logps
 
     with checks.values_checked():  # labels and cu_seqlens are checked above: not read again below
-        computed = None if ref_hidden is None else "ref_hidden"
-        ref = P.precomputed_reference(ref_chosen_logps, ref_rejected_logps, computed, reference_free, B, hidden.device)
-        if ref is None:
-            with torch.no_grad():
-                logps = reference_sequences()
-            ref = logps[:B], logps[B:]
-        rc, rr = ref
+        given = (ref_chosen_logps, ref_rejected_logps, ref_hidden, reference_free)
+        rc, rr = _reference(*given, B, hidden.device, reference_sequences)
         seq = sequences(hidden, weight, bias, return_stats or use_weighting)
         return P.loss_from_sequences(
             seq,
