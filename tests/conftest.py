@@ -4,6 +4,7 @@ The Triton tests run on the CPU through Triton's interpreter: `TRITON_INTERPRET=
 the pytest process before triton is first imported (the Makefile sets it); it is not set from here.
 """
 
+import math
 import os
 import zlib
 
@@ -52,11 +53,36 @@ def assert_out_close(out: torch.Tensor, ref: torch.Tensor, **override) -> None:
     torch.testing.assert_close(out.double(), ref.double(), equal_nan=True, **tol)
 
 
-def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, out_pt: torch.Tensor | None = None) -> None:
-    """Gradient in its own dtype vs the float64 reference gradient rounded to that dtype (GRAD_TOL); with `out_pt`
-    (plain torch in the same dtype) also flash-attn's rule: error ≤ 2 · torch's error + atol."""
+def lse_rounding_atol(z: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Elementwise atol to add to GRAD_TOL for a log-prob / entropy gradient of float64 rows z = logits / T.
+
+    The backward recomputes p from the fp32 lse and the entropy term reads the fp32 entropy (README "Numerics"): both
+    are off by a few ulps of values up to max|z| + log V, so a gradient entry g · p · (…) / T moves by up to
+    |g| · p · eps32 · (max|z| + log V) / T before its rounding to the dtype. That is absolute: where the entry is
+    small by cancellation, it is more than an ulp of bf16 or fp16 too. Measured: at most 0.23 of this over 300 draws
+    of test_nan_policy's rows; 2× is allowed. `g`: per row, the sum of the |weights| of the log-prob and entropy
+    terms."""
+    finite = z.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    scale = finite.abs().amax(-1, keepdim=True) + math.log(z.shape[-1])
+    p = torch.softmax(z, -1).nan_to_num(0.0)
+    return 2 * torch.finfo(torch.float32).eps * g.double().abs()[:, None] * p * scale / temperature
+
+
+def assert_grad_close(
+    out: torch.Tensor, ref: torch.Tensor, out_pt: torch.Tensor | None = None, extra_atol: torch.Tensor | None = None
+) -> None:
+    """Gradient in its own dtype vs the float64 reference gradient rounded to that dtype (GRAD_TOL, plus the
+    elementwise `extra_atol` where given: lse_rounding_atol); with `out_pt` (plain torch in the same dtype) also
+    flash-attn's rule: error ≤ 2 · torch's error + atol."""
     tol = GRAD_TOL[out.dtype]
-    torch.testing.assert_close(out, ref.to(out.dtype), equal_nan=True, **tol)
+    if extra_atol is None:
+        torch.testing.assert_close(out, ref.to(out.dtype), equal_nan=True, **tol)
+    else:
+        ref_r = ref.to(out.dtype).double()
+        err = (out.double() - ref_r).abs()
+        allowed = tol["atol"] + tol["rtol"] * ref_r.abs() + extra_atol
+        bad = ~((err <= allowed) | (out.isnan() & ref_r.isnan()))
+        assert not bad.any(), f"{int(bad.sum())} entries off, worst error / allowed {(err / allowed)[bad].max():.3g}"
     if out_pt is not None:
         err = (out.double() - ref.double()).abs().max().item()
         err_pt = (out_pt.double() - ref.double()).abs().max().item()
