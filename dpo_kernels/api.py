@@ -542,6 +542,13 @@ def _check_linear(hidden, weight, labels, bias, ignore_index, softcap, logit_sca
 HEAD_IMPLS = ("tile", "fused")
 
 
+def _fp32_tile(tile_dtype: torch.dtype | None) -> bool:
+    """Checks the head's `tile_dtype`: whether the tiles are fp32 whatever the operands."""
+    if tile_dtype is not None and tile_dtype != torch.float32:
+        raise ValueError(f"tile_dtype must be None (the GEMM's dtype) or torch.float32, got {tile_dtype!r}")
+    return tile_dtype is not None
+
+
 def _head_options(impl: str, keep_logits: bool | str, deterministic: bool, backend: str) -> str:
     """Checks the head's own options; the backend that runs it ("reference" for float64 and the reference backend:
     `reference.linear_token_logps`, the logits built)."""
@@ -575,6 +582,7 @@ def linear_token_logps(
     keep_logits: bool | str = "auto",
     deterministic: bool = False,
     impl: str = "tile",
+    tile_dtype: torch.dtype | None = None,
     vocab_parallel: bool = False,
     process_group: torch.distributed.ProcessGroup | None = None,
     vocab_start: int | None = None,
@@ -610,6 +618,12 @@ def linear_token_logps(
             invariance of the log-probs, at the cost of the padding's GEMM rows; the gradients' GEMMs are not padded).
         impl: "tile" (the default) or "fused": the all-Triton head of ops/linear_logprobs.py (fp32 logits, never
             rounded to a tile dtype; no keep_logits, no deterministic).
+        tile_dtype: None (the default: the dtype the GEMM writes, bf16 for bf16 operands or under bf16 autocast,
+            as the model's own logits would be) or torch.float32: fp32 tiles from 16-bit operands, so that
+            log-probs and stats come from unrounded logits (the "fused" head's and the vocabulary-parallel head's
+            are always fp32). Twice the tile memory (kept tiles included); where torch has no fp32-output GEMM for
+            the operands (the CPU), each tile's GEMM runs on fp32 copies of the chunk and the weight (V × H × 4
+            bytes more while it runs). The backward's GEMMs take dy rounded to the operands' dtype.
         vocab_parallel, process_group, vocab_start, vocab_size: a weight (and bias) sharded over the vocabulary,
             a `ColwiseParallel` lm_head's DTensor with `vocab_parallel=True`, or this rank's rows [vocab_start,
             vocab_start + V) of `vocab_size` with `process_group`: computed by `dpo_kernels.parallel` (two
@@ -628,6 +642,7 @@ def linear_token_logps(
         (`h[:, :-1]` with `labels[:, 1:]` gives the same values, but its rows are not evenly strided: one copy of the
         hidden states, N·H·itemsize bytes.)
     """
+    fp32_tile = _fp32_tile(tile_dtype)
     if vocab_parallel or process_group is not None:
         from dpo_kernels import parallel
 
@@ -643,6 +658,9 @@ def linear_token_logps(
     chosen = _head_options(impl, keep_logits, deterministic, dispatch.pick(hidden, backend))
     options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if chosen == "reference":
+        if fp32_tile:  # the matmul in fp32 at least (float64 stays)
+            hidden, weight, bias = (t if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+                                    for t in (hidden, weight, bias))  # fmt: skip
         return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
@@ -655,7 +673,7 @@ def linear_token_logps(
     rows = rows.reshape(-1, H)  # a view for evenly strided rows, else a copy
     flat_labels = labels.reshape(-1).long()
     bias = None if bias is None else bias.contiguous()
-    head = dict(impl=impl, keep_logits=keep_logits, deterministic=deterministic)
+    head = dict(impl=impl, keep_logits=keep_logits, deterministic=deterministic, fp32_tile=fp32_tile)
     logps, stats = C.linear_logps(rows, weight, bias, flat_labels, chosen, **options, **head, return_stats=return_stats)
     logps = logps.view(labels.shape)
     if not return_stats:
@@ -690,6 +708,7 @@ def dpo_loss_from_hidden(
     keep_logits: bool | str = "auto",
     deterministic: bool = False,
     impl: str = "tile",
+    tile_dtype: torch.dtype | None = None,
     vocab_parallel: bool = False,
     process_group: torch.distributed.ProcessGroup | None = None,
     vocab_start: int | None = None,
@@ -714,8 +733,8 @@ def dpo_loss_from_hidden(
             the policy's `weight` and `bias` (e.g. a frozen shared head under PEFT), with it `ref_bias` or no bias);
             or `reference_free=True`.
         softcap, logit_scale, temperature: the logit transform, for the policy and the reference alike.
-        keep_logits, deterministic, impl: the head's options (see `linear_token_logps`); the reference, run without
-            gradient, never keeps its tiles.
+        keep_logits, deterministic, impl, tile_dtype: the head's options (see `linear_token_logps`), the
+            reference's too; the reference, run without gradient, never keeps its tiles.
         vocab_parallel, process_group, vocab_start, vocab_size: an output layer sharded over the vocabulary (see
             `linear_token_logps`), the reference's too.
         cu_seqlens, ld_alpha, use_weighting, return_stats, **loss_options: as in `dpo_loss_from_logits`.
@@ -733,6 +752,7 @@ def dpo_loss_from_hidden(
         from dpo_kernels import parallel
 
         _not_in_parallel(keep_logits=(keep_logits, "auto"), deterministic=(deterministic, False), impl=(impl, "tile"))
+        _fp32_tile(tile_dtype)  # the vocabulary-parallel head's tiles are fp32 anyway
         shard = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
         options = dict(ld_alpha=ld_alpha, use_weighting=use_weighting, ignore_index=ignore_index)
         options.update(temperature=temperature, softcap=softcap, logit_scale=logit_scale, return_stats=return_stats)
@@ -751,7 +771,7 @@ def dpo_loss_from_hidden(
         )
     chosen = dispatch.pick(hidden, backend)  # the head's, and the [N]- and [2B]-sized steps after it
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    head = dict(keep_logits=keep_logits, deterministic=deterministic, impl=impl, backend=chosen)
+    head = dict(keep_logits=keep_logits, deterministic=deterministic, impl=impl, tile_dtype=tile_dtype, backend=chosen)
 
     def sequences(h, w, b, with_stats: bool) -> SequenceLogps:
         out = linear_token_logps(h, w, labels, bias=b, **transform, **head, return_stats=with_stats)

@@ -3,7 +3,8 @@
 For each chunk of scored rows (prompt and padding rows never reach a GEMM):
 
     forward   y = h_c @ Wᵀ (+ b)                      torch.mm / addmm: cuBLAS, MKL / oneDNN; fp32 accumulation,
-                                                        a tile in the matmul's dtype (bf16 for bf16 models)
+                                                        a tile in the matmul's dtype (bf16 for bf16 models), or
+                                                        fp32 with `fp32=True` (below)
               logp, lse, stats = rows(y)               the logits-path kernels (Triton on CUDA, csrc on the CPU), the
                                                         transform z = y · scale / T folded into their temperature
     backward  y again (recomputed, or kept: below)
@@ -16,6 +17,11 @@ the backward skips the recompute: 2 GEMMs in the backward instead of 3.
 
 A final-logit softcap, z = (c / T) · tanh(y · scale / c), runs as torch element-wise ops on the tile (one extra
 pass each way); only Gemma 2 style models pay it.
+
+`fp32=True` writes fp32 tiles from 16-bit operands (stats and log-probs from unrounded logits, twice the tile
+memory): through the GEMM's own fp32 output where torch has one (CUDA), else through fp32 copies of the chunk's
+operands (on the CPU: the weight upcast once per tile, V × H × 4 bytes alive during its GEMM). The backward's GEMMs
+take dy rounded to the operands' dtype, as with the default tiles.
 
 `pad=True` makes every forward GEMM (and the backward's recompute) the same shape, DETERMINISTIC_ROWS rows or fewer
 for large vocabularies (the last chunk padded with zero rows), so that a row's log-prob does not depend on which rows
@@ -58,8 +64,11 @@ def chunk_rows(V: int, tile_dtype: torch.dtype, pad: bool = False) -> int:
     return max(1, min(DETERMINISTIC_ROWS if pad else MAX_ROWS, TILE_BYTES // (width * tile_dtype.itemsize)))
 
 
-def tile_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype torch.mm writes for these operands under the current autocast state."""
+def tile_dtype(hidden: torch.Tensor, weight: torch.Tensor, fp32: bool = False) -> torch.dtype:
+    """The tiles' dtype: fp32 with `fp32`, else the dtype torch.mm writes for these operands under the current
+    autocast state."""
+    if fp32:
+        return torch.float32
     device = hidden.device.type
     try:
         if torch.is_autocast_enabled(device):
@@ -79,12 +88,31 @@ def _chunks(n: int, rows: int):
         yield c0, min(n, c0 + rows)
 
 
-def _gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, out=None) -> torch.Tensor:
+def _gemm(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, out=None, fp32: bool = False
+) -> torch.Tensor:
     """y = h @ Wᵀ (+ b) for the chunk's rows, padded with zero rows to `rows` when it has fewer (pad=True); into
-    `out` when given (its dtype must be the operands': not under autocast)."""
+    `out` when given (its dtype must be the operands': not under autocast); an fp32 tile with `fp32`."""
     if h.shape[0] < rows:
         h = torch.cat([h, h.new_zeros(rows - h.shape[0], h.shape[1])])
+    if fp32 and tile_dtype(h, weight) != torch.float32:
+        y = _gemm_fp32(h, weight, bias)
+        return y if out is None else out.copy_(y)
     return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+
+
+def _gemm_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An fp32 tile from 16-bit operands (or under autocast): the GEMM's own fp32 output where torch has one
+    (CUDA), else fp32 copies of the operands."""
+    with torch.autocast(h.device.type, enabled=False):
+        if h.is_cuda and h.dtype == weight.dtype:
+            try:
+                y = torch.mm(h, weight.T, out_dtype=torch.float32)
+                return y if bias is None else y.add_(bias)
+            except (TypeError, RuntimeError):  # a torch without out_dtype for this GEMM
+                pass
+        h, weight = h.float(), weight.float()
+        return torch.mm(h, weight.T) if bias is None else torch.addmm(bias.float(), h, weight.T)
 
 
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -125,6 +153,7 @@ def linear_logprobs_fwd(
     rows: int,
     pad: bool = False,
     keep: bool = False,
+    fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(logps [N], lse [N], stats [4, N] or None, kept tiles or None): fp32, 0 at the rows not in `scored`.
 
@@ -137,7 +166,7 @@ def linear_logprobs_fwd(
     stats = hidden.new_zeros(4, N, dtype=torch.float32) if return_stats else None
     temp = temperature if softcap is not None else temperature / logit_scale
     kept = None
-    dtype = tile_dtype(hidden, weight)
+    dtype = tile_dtype(hidden, weight, fp32)
     blocks = vocab_blocks(V)
     if keep and n and len(blocks) == 1:  # split vocabularies recompute (a kept tile would be all of V)
         kept = hidden.new_empty(-(-n // rows) * rows if pad else n, V, dtype=dtype)
@@ -145,12 +174,12 @@ def linear_logprobs_fwd(
         idx = scored[c0:c1]
         h = hidden.index_select(0, idx)
         if len(blocks) > 1:
-            transform = (ignore_index, temp, softcap, logit_scale, return_stats, rows if pad else 0)
+            transform = (ignore_index, temp, softcap, logit_scale, return_stats, rows if pad else 0, fp32)
             lp, ls, st = _split_fwd(h, weight, bias, labels[idx], blocks, kernels, transform)
         else:
             # the GEMM writes the kept tile in place where it can (no autocast cast in between), else a copy
             into = kept[c0 : c0 + (rows if pad else c1 - c0)] if kept is not None and dtype == hidden.dtype else None
-            y = _gemm(h, weight, bias, rows if pad else 0, out=into)
+            y = _gemm(h, weight, bias, rows if pad else 0, out=into, fp32=fp32)
             if kept is not None and into is None:
                 kept[c0 : c0 + y.shape[0]] = y
             y = y[: c1 - c0]
@@ -170,11 +199,11 @@ def _split_fwd(h, weight, bias, labels, blocks, kernels, transform):
     `dpo_kernels.parallel` over one process: nothing to reduce)."""
     from dpo_kernels import parallel
 
-    ignore_index, temp, softcap, logit_scale, stats, pad_rows = transform
+    ignore_index, temp, softcap, logit_scale, stats, pad_rows, fp32 = transform
     V, n = weight.shape[0], h.shape[0]
     parts = []
     for v0, v1 in blocks:
-        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows)[:n]
+        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows, fp32=fp32)[:n]
         z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
         options = dict(ignore_index=ignore_index, temperature=temp, return_stats=stats)
         parts.append(kernels.logprobs_partial_fwd(z, labels, vocab_start=v0, vocab_size=V, **options))
@@ -188,16 +217,17 @@ def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, optio
     """One chunk of rows over a split vocabulary, backward: each block's tile recomputed, its dy from the whole rows'
     lse (and entropy), dH summed over the blocks in fp32, dW / db written or accumulated block by block. Returns
     dH of the chunk."""
-    ignore_index, temp, softcap, logit_scale, pad_rows = options
+    ignore_index, temp, softcap, logit_scale, pad_rows, fp32 = options
     grad_weight, grad_bias, one_chunk = grads
     dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     for v0, v1 in blocks:
-        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows)[: h.shape[0]]
+        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows, fp32=fp32)[: h.shape[0]]
         u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
         dy = kernels.logprobs_bwd(u, labels, lse, g, ignore_index=ignore_index, temperature=temp, grad_entropy=g_h,
                                   entropy=h_e, inplace=True, vocab_start=v0)  # fmt: skip
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
+        dy = dy.to(tile_dtype(h, weight))  # an fp32 tile's dy, rounded for the GEMMs (else a no-op)
         dh += torch.mm(dy, weight[v0:v1])
         if grad_weight is not None and one_chunk:
             grad_weight[v0:v1] = torch.mm(dy.T, h)
@@ -229,6 +259,7 @@ def linear_logprobs_bwd(
     weight_grad: bool = True,
     rows: int,
     pad: bool = False,
+    fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(grad_hidden, grad_weight or None, grad_bias or None) in the dtypes of hidden, weight and bias, of
     Σ grad_logps · logp + grad_entropy · entropy. The tiles are recomputed under the caller's autocast state (the
@@ -254,14 +285,14 @@ def linear_logprobs_bwd(
         g_h = None if grad_entropy is None else grad_entropy[idx]
         h_e = None if grad_entropy is None else entropy[idx]
         if len(blocks) > 1:
-            options = (ignore_index, temp, softcap, logit_scale, rows if pad else 0)
+            options = (ignore_index, temp, softcap, logit_scale, rows if pad else 0, fp32)
             grads = (grad_weight, grad_bias, one_chunk)
             dh = _split_bwd(h, weight, bias, labels[idx], lse[idx], g, g_h, h_e, blocks, kernels, options, grads)
             grad_hidden[idx] = dh.to(hidden.dtype)
             del dh, h
             continue
         if kept is None:
-            y = _gemm(h, weight, bias, rows if pad else 0)[: c1 - c0]
+            y = _gemm(h, weight, bias, rows if pad else 0, fp32=fp32)[: c1 - c0]
         else:  # the kept tile is read, the gradient written into a scratch tile (reused across chunks)
             y = kept[c0:c1]
             scratch = torch.empty_like(y) if scratch is None or scratch.shape[0] < y.shape[0] else scratch
@@ -281,6 +312,7 @@ def linear_logprobs_bwd(
         )
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
+        dy = dy.to(tile_dtype(h, weight))  # an fp32 tile's dy, rounded for the GEMMs (else a no-op)
         grad_hidden[idx] = torch.mm(dy, weight).to(hidden.dtype)  # under autocast: in its dtype
         if weight_grad and one_chunk:
             grad_weight = torch.mm(dy.T, h)

@@ -471,6 +471,7 @@ def _linear_logps_fwd(
     rows: int,
     pad: bool,
     keep_logits: str,
+    fp32_tile: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logps, lse, stats or [0, N], the scored rows' indices, the kept tiles or [0, V])."""
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
@@ -483,7 +484,7 @@ def _linear_logps_fwd(
             hidden, weight, labels, bias=bias, **transform, return_stats=return_stats
         )
     else:
-        dtype = chunked.tile_dtype(hidden, weight)
+        dtype = chunked.tile_dtype(hidden, weight, fp32_tile)
         rows = rows or chunked.chunk_rows(weight.shape[0], dtype, pad)
         n = scored.numel()
         total = -(-n // rows) * rows if pad else n  # the kept tiles' rows
@@ -500,6 +501,7 @@ def _linear_logps_fwd(
             rows=rows,
             pad=pad,
             keep=keep,
+            fp32=fp32_tile,
         )
     empty = hidden.new_empty(0, hidden.shape[0], dtype=torch.float32)
     return logps, lse, empty if stats is None else stats, scored, weight.new_empty(0, 0) if kept is None else kept
@@ -538,6 +540,7 @@ def _linear_logps_bwd(
     weight_grad: bool,
     autocast_enabled: bool,
     autocast_dtype: torch.dtype,
+    fp32_tile: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     transform = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     grads = dict(grad_entropy=grad_entropy, entropy=entropy, weight_grad=weight_grad)
@@ -561,8 +564,9 @@ def _linear_logps_bwd(
                 **transform,
                 **grads,
                 kept=kept if kept.numel() else None,
-                rows=rows or chunked.chunk_rows(weight.shape[0], chunked.tile_dtype(hidden, weight), pad),
+                rows=rows or chunked.chunk_rows(weight.shape[0], chunked.tile_dtype(hidden, weight, fp32_tile), pad),
                 pad=pad,
+                fp32=fp32_tile,
             )
     # a custom op returns tensors (none aliasing another): an empty one stands for "no gradient"
     return dh, hidden.new_empty(0) if dw is None else dw, hidden.new_empty(0) if db is None else db
@@ -584,14 +588,14 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, backend, impl, ignore_index, temperature, softcap, logit_scale, _, rows, pad, _ = (
-        inputs
-    )
+    hidden, weight, bias, labels, backend, impl, ignore_index, temperature, softcap, logit_scale, *flags = inputs
+    _, rows, pad, _, fp32_tile = flags  # return_stats, rows, pad, keep_logits, fp32_tile
     _, lse, stats, scored, kept = output
     ctx.save_for_backward(hidden, weight, bias, labels, scored, kept, lse, stats)
     ctx.set_materialize_grads(False)  # no zero gradient for the outputs nothing reads (the kept tiles)
     ctx.options = (backend, impl, ignore_index, temperature, softcap, logit_scale, rows, pad)
     ctx.autocast = _autocast_state(hidden.device.type)
+    ctx.fp32_tile = fp32_tile
 
 
 def _linear_backward(ctx, grad_logps, _grad_lse, grad_stats, _scored, _kept):
@@ -612,10 +616,11 @@ def _linear_backward(ctx, grad_logps, _grad_lse, grad_stats, _scored, _kept):
         *ctx.options,
         weight_grad,
         *ctx.autocast,
+        ctx.fp32_tile,
     )
     dw = dw if weight_grad else None
     db = db if weight_grad and bias is not None else None
-    return dh, dw, db, *(None,) * 11
+    return dh, dw, db, *(None,) * 12
 
 
 _linear_logps_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -636,6 +641,7 @@ def linear_logps(
     return_stats: bool = False,
     keep_logits: bool | str = "auto",
     deterministic: bool = False,
+    fp32_tile: bool = False,
     rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused head on [N, H] rows, differentiable: (logps [N], stats [4, N] or [0, N]). No checks: callers
@@ -657,5 +663,6 @@ def linear_logps(
         rows,
         deterministic,
         keep,
+        fp32_tile,
     )
     return logps, stats

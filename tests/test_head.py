@@ -989,6 +989,10 @@ def _bad_head_calls():
         (dict(keep_logits=None), ValueError, "keep_logits must be True, False or 'auto', got None"),
         (dict(keep_logits=1), ValueError, "keep_logits must be True, False or 'auto', got 1"),
         (dict(impl="nope"), ValueError, "unknown impl 'nope'; valid: tile, fused"),
+        (dict(tile_dtype=torch.bfloat16), ValueError,
+         "tile_dtype must be None (the GEMM's dtype) or torch.float32, got torch.bfloat16"),
+        (dict(tile_dtype="fp32"), ValueError,
+         "tile_dtype must be None (the GEMM's dtype) or torch.float32, got 'fp32'"),
         (dict(impl="fused", backend="triton", deterministic=True), ValueError,
          "impl='fused' never builds a logits tile: keep_logits=True and deterministic=True need impl='tile'"),
         (dict(impl="fused", backend="triton", keep_logits=True), ValueError,
@@ -1031,6 +1035,12 @@ def test_linear_token_logps_bad_input():
         dk.dpo_loss_from_hidden(h, w, labels, rc)
     with pytest.raises(ValueError, match="unknown loss_type 'dpo'"):
         dk.dpo_loss_from_hidden(h, w, labels, rc, rc, loss_type="dpo")
+    # tile_dtype is checked on the vocabulary-parallel entries too (their tiles are fp32 anyway), before any group
+    message = re.escape("tile_dtype must be None (the GEMM's dtype) or torch.float32, got torch.float16")
+    with pytest.raises(ValueError, match=message):
+        dk.dpo_loss_from_hidden(h, w, labels, rc, rc, vocab_parallel=True, tile_dtype=torch.float16)
+    with pytest.raises(ValueError, match=message):
+        dk.linear_token_logps(h, w, labels, vocab_parallel=True, tile_dtype=torch.float16)
 
 
 @pytest.mark.triton

@@ -382,6 +382,64 @@ def test_tile_vocab_split(backend, options, monkeypatch):
     _assert_gemm_grads_close(grads, grads_ref, bounds)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep"])
+@pytest.mark.parametrize("backend", TILE_BACKENDS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_tile_fp32_tiles(dtype, backend, keep_logits, split, monkeypatch):
+    """tile_dtype=torch.float32 from 16-bit operands: log-probs and stats from unrounded logits, so within the fp32
+    tolerance of the float64 oracle (the default 16-bit tiles are not: checked on the same inputs), is_top1 exact;
+    gradients by the GEMM rule without the tile's rounding (dy is rounded to the dtype for the GEMMs); several
+    chunks, softcap, temperature, logit scale and a bias; with kept tiles and a split vocabulary."""
+    from dpo_kernels import chunked
+
+    if split:
+        monkeypatch.setattr(chunked, "VOCAB_SPLIT", 128)
+        monkeypatch.setattr(chunked, "VOCAB_BLOCK", 64)
+    temperature, softcap, logit_scale, _ = TRANSFORMS["softcap-T-scale-bias"]
+    opts = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    dtype = DTYPES[dtype]
+    hidden, weight, bias, labels = _problem(37, 32, 200, dtype, bias=True)
+    g, g_h = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    run = dict(backend=backend, keep_logits=keep_logits, **opts)
+    logps, st, grads = _run_tile(hidden, weight, bias, labels, g, g_h, **run, fp32_tile=True)
+    logps_16, _, _ = _run_tile(hidden, weight, bias, labels, g, g_h, **run)
+    logps_ref, _, st_ref, grads_ref, bounds = _oracle(hidden, weight, bias, labels, g, g_h, **opts)
+    assert [t.dtype for t in grads] == [dtype] * 3
+    assert_out_close(logps, logps_ref)
+    for k in (0, 1, 3):
+        assert_out_close(st[k], getattr(st_ref, STAT_NAMES[k]).double())
+    assert torch.equal(st[2] > 0.5, st_ref.is_top1)
+    err, err_16 = ((x.double() - logps_ref).abs().max().item() for x in (logps, logps_16))
+    assert err_16 > 1e-5 >= err, f"fp32 tiles {err:.3g} vs 16-bit tiles {err_16:.3g} from the float64 log-probs"
+    _assert_gemm_grads_close(grads, grads_ref, bounds)
+
+
+def test_tile_fp32_tiles_public_and_autocast():
+    """Through the public function (bf16 hidden and weight) and under bf16 autocast with fp32 parameters (autocast's
+    bf16 GEMM is what the default tile gets; fp32 tiles run the GEMM on fp32 operands): values within the fp32
+    tolerance of float64, gradients in the parameters' dtypes."""
+    import dpo_kernels as dk
+
+    N, H, V = 6, 32, 300
+    hidden, weight, bias, labels = _problem(N, H, V, torch.float32, bias=True, ignored=1)
+    for h, w, b, autocast in ((hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), False),
+                              (hidden, weight, bias, True)):  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logps = dk.linear_token_logps(leaves[0], leaves[1], labels, bias=leaves[2], tile_dtype=torch.float32)
+        grads = torch.autograd.grad(logps.sum(), leaves)
+        assert [t.dtype for t in grads] == [h.dtype] * 3
+        ref = reference.linear_token_logps(h.double(), w.double(), labels, bias=b.double(), ignore_index=IGNORE)
+        assert_out_close(logps, ref)
+    # the reference backend computes the same fp32 logits from bf16 operands
+    args = (hidden.bfloat16(), weight.bfloat16(), labels)
+    out = dk.linear_token_logps(*args, bias=bias.bfloat16(), tile_dtype=torch.float32, backend="reference")
+    assert_out_close(
+        out, reference.linear_token_logps(*(t.double() for t in args[:2]), labels, bias=bias.bfloat16().double())
+    )
+
+
 def test_tile_linear_token_logps_edges():
     """Every token ignored, a label out of range (NaN there, is_top1 0, like the kernels), no stats requested."""
     hidden, weight, _, _ = _problem(4, 8, 30, torch.float32)
