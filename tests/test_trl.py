@@ -575,6 +575,7 @@ REFUSED = [
     ("discopop_tau", dict(loss_type=["discopop"], discopop_tau=0.0), {}, "discopop_tau must be a finite number > 0"),
     ("unknown-loss", dict(loss_type=["simpo"]), {}, "unknown loss_type 'simpo'"),
     ("backend", {}, dict(backend="cuda"), "unknown backend 'cuda'"),
+    ("keep_logits", {}, dict(keep_logits="auto"), "keep_logits must be True or False, got 'auto'"),
 ]
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import types
 import warnings
 from collections.abc import Callable
@@ -187,19 +186,11 @@ def _check_backend(backend: str | None) -> None:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(dispatch.BACKENDS)} (or None: automatic)")
 
 
-@functools.lru_cache(maxsize=None)
-def _head_takes_keep_logits() -> bool:
-    """Whether the installed dpo_kernels' fused head has the keep_logits option (its tile path does)."""
-    return "keep_logits" in inspect.signature(dk.linear_token_logps).parameters
-
-
 def _head_options(keep_logits: bool) -> dict:
     """The fused head's keywords for the trainer's keep_logits choice (never keep by default: no logits, as TRL)."""
-    if _head_takes_keep_logits():
-        return {"keep_logits": keep_logits}
-    if keep_logits:
-        raise ValueError("keep_logits=True needs a dpo_kernels whose fused head has that option (the tile path)")
-    return {}
+    if not isinstance(keep_logits, bool):
+        raise ValueError(f"keep_logits must be True or False, got {keep_logits!r}")
+    return {"keep_logits": keep_logits}
 
 
 # ----------------------------------------------------------------------------------------------------------------
