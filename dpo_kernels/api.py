@@ -613,9 +613,9 @@ def linear_token_logps(
             scored rows × V × 2 bytes in bf16): "auto" keeps them when they fit in `chunked.KEEP_LOGITS_BYTES`
             (2 GiB), True always, False never. Vocabularies split into column blocks (from
             `chunked.VOCAB_SPLIT`, 256k) always recompute.
-        deterministic: every forward GEMM gets the same shape (chunks of `chunked.DETERMINISTIC_ROWS` rows at most,
-            the last one padded), so that a row's log-prob does not depend on the other rows of the batch (batch
-            invariance of the log-probs, at the cost of the padding's GEMM rows; the gradients' GEMMs are not padded).
+        deterministic: every GEMM of the head gets the same shape (chunks of `chunked.DETERMINISTIC_ROWS` rows at
+            most, the last one padded), so that a row's log-prob and its hidden state's gradient do not depend on
+            the other rows of the batch (batch invariance, at the cost of the padding's GEMM rows; README).
         impl: "tile" (the default) or "fused": the all-Triton head of ops/linear_logprobs.py (fp32 logits, never
             rounded to a tile dtype; no keep_logits, no deterministic).
         tile_dtype: None (the default: the dtype the GEMM writes, bf16 for bf16 operands or under bf16 autocast,

@@ -23,10 +23,10 @@ memory): through the GEMM's own fp32 output where torch has one (CUDA), else thr
 operands (on the CPU: the weight upcast once per tile, V × H × 4 bytes alive during its GEMM). The backward's GEMMs
 take dy rounded to the operands' dtype, as with the default tiles.
 
-`pad=True` makes every forward GEMM (and the backward's recompute) the same shape, DETERMINISTIC_ROWS rows or fewer
-for large vocabularies (the last chunk padded with zero rows), so that a row's log-prob does not depend on which rows
-share its chunk: the vendor GEMMs pick their kernels (and so their reduction order) by shape. The log-probs are
-batch-invariant then; the gradients' GEMMs (dH, dW) are not padded.
+`pad=True` makes every GEMM the same shape, DETERMINISTIC_ROWS rows or fewer for large vocabularies (the last chunk
+padded with zero rows, ignored by the row kernels), so that a row's log-prob does not depend on which rows share its
+chunk: the vendor GEMMs pick their kernels (and so their reduction order) by shape. The log-probs are batch-invariant
+then, and so is grad_hidden (grad_weight is a sum over the batch's rows).
 
 The launchers here take validated inputs from the api (`hidden` [N, H] rows, `weight` [V, H] unit-stride, labels [N],
 `scored`: the indices of the rows to compute) and do no checks of their own.
@@ -88,13 +88,19 @@ def _chunks(n: int, rows: int):
         yield c0, min(n, c0 + rows)
 
 
+def _pad_rows(t: torch.Tensor | None, rows: int, value: float = 0) -> torch.Tensor | None:
+    """`t` with rows of `value` appended up to `rows` rows (pad=True: one GEMM shape for every chunk)."""
+    if t is None or t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), value)])
+
+
 def _gemm(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, out=None, fp32: bool = False
 ) -> torch.Tensor:
     """y = h @ Wᵀ (+ b) for the chunk's rows, padded with zero rows to `rows` when it has fewer (pad=True); into
     `out` when given (its dtype must be the operands': not under autocast); an fp32 tile with `fp32`."""
-    if h.shape[0] < rows:
-        h = torch.cat([h, h.new_zeros(rows - h.shape[0], h.shape[1])])
+    h = _pad_rows(h, rows)
     if fp32 and tile_dtype(h, weight) != torch.float32:
         y = _gemm_fp32(h, weight, bias)
         return y if out is None else out.copy_(y)
@@ -214,14 +220,14 @@ def _split_fwd(h, weight, bias, labels, blocks, kernels, transform):
 
 
 def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, options, grads) -> torch.Tensor:
-    """One chunk of rows over a split vocabulary, backward: each block's tile recomputed, its dy from the whole rows'
-    lse (and entropy), dH summed over the blocks in fp32, dW / db written or accumulated block by block. Returns
-    dH of the chunk."""
-    ignore_index, temp, softcap, logit_scale, pad_rows, fp32 = options
+    """One chunk of rows (padded already with pad=True) over a split vocabulary, backward: each block's tile
+    recomputed, its dy from the whole rows' lse (and entropy), dH summed over the blocks in fp32, dW / db written or
+    accumulated block by block. Returns dH of the chunk."""
+    ignore_index, temp, softcap, logit_scale, fp32 = options
     grad_weight, grad_bias, one_chunk = grads
     dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     for v0, v1 in blocks:
-        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows, fp32=fp32)[: h.shape[0]]
+        y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], 0, fp32=fp32)
         u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
         dy = kernels.logprobs_bwd(u, labels, lse, g, ignore_index=ignore_index, temperature=temp, grad_entropy=g_h,
                                   entropy=h_e, inplace=True, vocab_start=v0)  # fmt: skip
@@ -280,28 +286,32 @@ def linear_logprobs_bwd(
     scratch = None
     for c0, c1 in _chunks(n, rows):
         idx = scored[c0:c1]
-        h = hidden.index_select(0, idx)
-        g = None if grad_logps is None else grad_logps[idx]
-        g_h = None if grad_entropy is None else grad_entropy[idx]
-        h_e = None if grad_entropy is None else entropy[idx]
+        # with pad, every GEMM has `rows` rows (as in the forward), so that dH of a row does not depend on the other
+        # rows of the batch either; the padded rows are ignored (dy = 0 there, nothing read)
+        m = rows if pad else c1 - c0
+        h = _pad_rows(hidden.index_select(0, idx), m)
+        y_lab, y_lse = _pad_rows(labels[idx], m, ignore_index), _pad_rows(lse[idx], m)
+        g = _pad_rows(None if grad_logps is None else grad_logps[idx], m)
+        g_h = _pad_rows(None if grad_entropy is None else grad_entropy[idx], m)
+        h_e = _pad_rows(None if grad_entropy is None else entropy[idx], m)
         if len(blocks) > 1:
-            options = (ignore_index, temp, softcap, logit_scale, rows if pad else 0, fp32)
+            options = (ignore_index, temp, softcap, logit_scale, fp32)
             grads = (grad_weight, grad_bias, one_chunk)
-            dh = _split_bwd(h, weight, bias, labels[idx], lse[idx], g, g_h, h_e, blocks, kernels, options, grads)
-            grad_hidden[idx] = dh.to(hidden.dtype)
+            dh = _split_bwd(h, weight, bias, y_lab, y_lse, g, g_h, h_e, blocks, kernels, options, grads)
+            grad_hidden[idx] = dh[: c1 - c0].to(hidden.dtype)
             del dh, h
             continue
         if kept is None:
-            y = _gemm(h, weight, bias, rows if pad else 0, fp32=fp32)[: c1 - c0]
+            y = _gemm(h, weight, bias, 0, fp32=fp32)
         else:  # the kept tile is read, the gradient written into a scratch tile (reused across chunks)
-            y = kept[c0:c1]
+            y = kept[c0 : c0 + m]
             scratch = torch.empty_like(y) if scratch is None or scratch.shape[0] < y.shape[0] else scratch
         u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
-        write_into = u if kept is None or softcap is not None else scratch[: c1 - c0]
+        write_into = u if kept is None or softcap is not None else scratch[:m]
         dy = kernels.logprobs_bwd(
             u,
-            labels[idx],
-            lse[idx],
+            y_lab,
+            y_lse,
             g,
             ignore_index=ignore_index,
             temperature=temp,
@@ -313,7 +323,7 @@ def linear_logprobs_bwd(
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
         dy = dy.to(tile_dtype(h, weight))  # an fp32 tile's dy, rounded for the GEMMs (else a no-op)
-        grad_hidden[idx] = torch.mm(dy, weight).to(hidden.dtype)  # under autocast: in its dtype
+        grad_hidden[idx] = torch.mm(dy, weight)[: c1 - c0].to(hidden.dtype)  # under autocast: in its dtype
         if weight_grad and one_chunk:
             grad_weight = torch.mm(dy.T, h)
         elif weight_grad:

@@ -726,18 +726,32 @@ def _batch(dtype, B=8, T=6, H=32, V=V_ODD):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_deterministic_batch_invariance_tile_path(dtype, backend, monkeypatch):
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+def test_deterministic_batch_invariance_tile_path(dtype, backend, keep, monkeypatch):
     """A sequence's log-probs alone equal its log-probs in a batch of 8, bitwise (several chunks in the batch, one
-    padded chunk alone); with keep_logits the gradient of hidden too."""
+    padded chunk alone), and so do the gradients of its hidden states (the backward's GEMMs are padded too), with
+    the tiles recomputed or kept, the entropy's gradient included. With a softcap the log-probs only: its derivative
+    is a torch element-wise pass whose last elements take another code path on the CPU (README)."""
     _cpu_or_skip(backend)
     _small_tiles(monkeypatch, 8, V_ODD, dtype)
     h, w, labels = _batch(dtype)
     b = torch.randn(V_ODD).to(dtype)
-    opts = dict(bias=b, backend=backend, deterministic=True, softcap=7.0)
-    batch = dk.linear_token_logps(h, w, labels, **opts)
-    alone = torch.cat([dk.linear_token_logps(h[i : i + 1], w, labels[i : i + 1], **opts) for i in range(8)])
-    assert torch.equal(alone, batch)
-    assert not torch.equal(batch, torch.zeros_like(batch))
+    g, g_h = torch.randn(labels.shape), torch.randn(labels.shape)
+    for softcap in (7.0, None):
+        opts = dict(bias=b, backend=backend, deterministic=True, softcap=softcap, keep_logits=keep, return_stats=True)
+
+        def run(rows):
+            x = h[rows].clone().requires_grad_()
+            lp, st = dk.linear_token_logps(x, w, labels[rows], **opts)  # noqa: B023
+            (lp * g[rows] + st.entropy * g_h[rows]).sum().backward()
+            return lp.detach(), x.grad
+
+        batch, grad = run(slice(None))
+        alone = [run(slice(i, i + 1)) for i in range(8)]
+        assert torch.equal(torch.cat([lp for lp, _ in alone]), batch)
+        assert not torch.equal(batch, torch.zeros_like(batch)) and grad.abs().sum() > 0
+        if softcap is None:
+            assert torch.equal(torch.cat([d for _, d in alone]), grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
