@@ -623,7 +623,8 @@ def linear_token_logps(
             log-probs and stats come from unrounded logits (the "fused" head's and the vocabulary-parallel head's
             are always fp32). Twice the tile memory (kept tiles included); where torch has no fp32-output GEMM for
             the operands (the CPU), each tile's GEMM runs on fp32 copies of the chunk and the weight (V × H × 4
-            bytes more while it runs). The backward's GEMMs take dy rounded to the operands' dtype.
+            bytes more while it runs). The backward's GEMMs take dy rounded to the default tile's dtype (the
+            operands', or autocast's under autocast), as they would without the option.
         vocab_parallel, process_group, vocab_start, vocab_size: a weight (and bias) sharded over the vocabulary,
             a `ColwiseParallel` lm_head's DTensor with `vocab_parallel=True`, or this rank's rows [vocab_start,
             vocab_start + V) of `vocab_size` with `process_group`: computed by `dpo_kernels.parallel` (two
@@ -658,10 +659,13 @@ def linear_token_logps(
     chosen = _head_options(impl, keep_logits, deterministic, dispatch.pick(hidden, backend))
     options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if chosen == "reference":
-        if fp32_tile:  # the matmul in fp32 at least (float64 stays)
-            hidden, weight, bias = (t if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
-                                    for t in (hidden, weight, bias))  # fmt: skip
-        return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
+        if not fp32_tile:
+            return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
+        # the matmul in fp32 at least (float64 stays), autocast or not
+        hidden, weight, bias = (t if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+                                for t in (hidden, weight, bias))  # fmt: skip
+        with torch.autocast(hidden.device.type, enabled=False):
+            return R.linear_token_logps(hidden, weight, labels, bias=bias, **options, return_stats=return_stats)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:

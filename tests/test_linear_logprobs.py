@@ -417,27 +417,24 @@ def test_tile_fp32_tiles(dtype, backend, keep_logits, split, monkeypatch):
 
 def test_tile_fp32_tiles_public_and_autocast():
     """Through the public function (bf16 hidden and weight) and under bf16 autocast with fp32 parameters (autocast's
-    bf16 GEMM is what the default tile gets; fp32 tiles run the GEMM on fp32 operands): values within the fp32
-    tolerance of float64, gradients in the parameters' dtypes."""
+    bf16 GEMM is what the default tile gets; fp32 tiles run the GEMM on fp32 operands), on the default backend and
+    on the reference one: values within the fp32 tolerance of float64, gradients in the parameters' dtypes."""
     import dpo_kernels as dk
 
     N, H, V = 6, 32, 300
     hidden, weight, bias, labels = _problem(N, H, V, torch.float32, bias=True, ignored=1)
-    for h, w, b, autocast in ((hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), False),
-                              (hidden, weight, bias, True)):  # fmt: skip
-        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logps = dk.linear_token_logps(leaves[0], leaves[1], labels, bias=leaves[2], tile_dtype=torch.float32)
-        grads = torch.autograd.grad(logps.sum(), leaves)
-        assert [t.dtype for t in grads] == [h.dtype] * 3
-        ref = reference.linear_token_logps(h.double(), w.double(), labels, bias=b.double(), ignore_index=IGNORE)
-        assert_out_close(logps, ref)
-    # the reference backend computes the same fp32 logits from bf16 operands
-    args = (hidden.bfloat16(), weight.bfloat16(), labels)
-    out = dk.linear_token_logps(*args, bias=bias.bfloat16(), tile_dtype=torch.float32, backend="reference")
-    assert_out_close(
-        out, reference.linear_token_logps(*(t.double() for t in args[:2]), labels, bias=bias.bfloat16().double())
-    )
+    for backend in (None, "reference"):
+        for h, w, b, autocast in ((hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), False),
+                                  (hidden, weight, bias, True)):  # fmt: skip
+            leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logps = dk.linear_token_logps(
+                    leaves[0], leaves[1], labels, bias=leaves[2], tile_dtype=torch.float32, backend=backend
+                )
+            grads = torch.autograd.grad(logps.sum(), leaves)
+            assert [t.dtype for t in grads] == [h.dtype] * 3
+            ref = reference.linear_token_logps(h.double(), w.double(), labels, bias=b.double(), ignore_index=IGNORE)
+            assert_out_close(logps, ref, msg=lambda m: f"backend {backend}, autocast {autocast}: {m}")  # noqa: B023
 
 
 def test_tile_linear_token_logps_edges():
