@@ -622,8 +622,8 @@ def linear_token_logps(
             as the model's own logits would be) or torch.float32: fp32 tiles from 16-bit operands, so that
             log-probs and stats come from unrounded logits (the "fused" head's and the vocabulary-parallel head's
             are always fp32). Twice the tile memory (kept tiles included); where torch has no fp32-output GEMM for
-            the operands (the CPU), each tile's GEMM runs on fp32 copies of the chunk and the weight (V × H × 4
-            bytes more while it runs). The backward's GEMMs take dy rounded to the default tile's dtype (the
+            the operands (the CPU), each tile's GEMM runs on fp32 copies of the chunk and of 16384 weight rows at
+            a time (16384 × H × 4 bytes). The backward's GEMMs take dy rounded to the default tile's dtype (the
             operands', or autocast's under autocast), as they would without the option.
         vocab_parallel, process_group, vocab_start, vocab_size: a weight (and bias) sharded over the vocabulary,
             a `ColwiseParallel` lm_head's DTensor with `vocab_parallel=True`, or this rank's rows [vocab_start,

@@ -20,8 +20,10 @@ pass each way); only Gemma 2 style models pay it.
 
 `fp32=True` writes fp32 tiles from 16-bit operands (stats and log-probs from unrounded logits, twice the tile
 memory): through the GEMM's own fp32 output where torch has one (CUDA), else through fp32 copies of the chunk's
-operands (on the CPU: the weight upcast once per tile, V × H × 4 bytes alive during its GEMM). The backward's GEMMs
-take dy rounded to the operands' dtype, as with the default tiles.
+operands (on the CPU: the weight upcast UPCAST_COLUMNS rows at a time, 16384 × H × 4 bytes). The backward's GEMMs
+take dy rounded to the default tile's dtype. The vocabulary-parallel head (dpo_kernels.parallel) runs this loop
+with fp32 tiles over its weight shard (`vocab_start`): its forward returns the shard's row partials
+(`linear_partials_fwd`), its backward this shard's part of grad_hidden.
 
 `pad=True` makes every GEMM the same shape, DETERMINISTIC_ROWS rows or fewer for large vocabularies (the last chunk
 padded with zero rows, ignored by the row kernels), so that a row's log-prob does not depend on which rows share its
@@ -44,6 +46,7 @@ DETERMINISTIC_ROWS = 512  # pad=True: every forward GEMM has this many rows at m
 KEEP_LOGITS_BYTES = 2 * 2**30  # keep_logits="auto": keep the forward's tiles when all of them fit in this
 VOCAB_SPLIT = 2**18  # vocabularies from 256k columns up run in blocks of at most VOCAB_BLOCK columns
 VOCAB_BLOCK = 2**17
+UPCAST_COLUMNS = 2**14  # fp32 tiles without an fp32-output GEMM: the weight upcast this many rows at a time
 
 
 def vocab_blocks(V: int) -> list[tuple[int, int]]:
@@ -101,7 +104,7 @@ def _gemm(
     """y = h @ Wᵀ (+ b) for the chunk's rows, padded with zero rows to `rows` when it has fewer (pad=True); into
     `out` when given (its dtype must be the operands': not under autocast); an fp32 tile with `fp32`."""
     h = _pad_rows(h, rows)
-    if fp32 and tile_dtype(h, weight) != torch.float32:
+    if fp32 and tile_dtype(h, weight) != torch.float32:  # 16-bit operands, or autocast
         y = _gemm_fp32(h, weight, bias)
         return y if out is None else out.copy_(y)
     return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
@@ -109,7 +112,7 @@ def _gemm(
 
 def _gemm_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """An fp32 tile from 16-bit operands (or under autocast): the GEMM's own fp32 output where torch has one
-    (CUDA), else fp32 copies of the operands."""
+    (CUDA), else on fp32 copies of the operands (a 16-bit weight's UPCAST_COLUMNS rows at a time)."""
     with torch.autocast(h.device.type, enabled=False):
         if h.is_cuda and h.dtype == weight.dtype:
             try:
@@ -117,8 +120,15 @@ def _gemm_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
                 return y if bias is None else y.add_(bias)
             except (TypeError, RuntimeError):  # a torch without out_dtype for this GEMM
                 pass
-        h, weight = h.float(), weight.float()
-        return torch.mm(h, weight.T) if bias is None else torch.addmm(bias.float(), h, weight.T)
+        h = h.float()
+        if weight.dtype == torch.float32:  # fp32 parameters under autocast: no copy
+            return torch.mm(h, weight.T) if bias is None else torch.addmm(bias.float(), h, weight.T)
+        y = h.new_empty(h.shape[0], weight.shape[0])
+        for v0 in range(0, weight.shape[0], UPCAST_COLUMNS):
+            w = weight[v0 : v0 + UPCAST_COLUMNS].float()
+            b = None if bias is None else bias[v0 : v0 + UPCAST_COLUMNS].float()
+            y[:, v0 : v0 + UPCAST_COLUMNS] = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
+        return y
 
 
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -200,26 +210,73 @@ def linear_logprobs_fwd(
     return logps, lse, stats, kept
 
 
-def _split_fwd(h, weight, bias, labels, blocks, kernels, transform):
-    """One chunk of rows over a split vocabulary: each block's row partials, merged, then finalized (the combine of
-    `dpo_kernels.parallel` over one process: nothing to reduce)."""
+def _chunk_partials(h, weight, bias, labels, blocks, kernels, transform, vocab_start: int, vocab_total: int):
+    """One chunk of rows over column blocks of the weight, whose columns are [vocab_start, vocab_start + V) of a
+    vocabulary of `vocab_total` (a shard, or the whole): each block's row partials, merged ([3 | 7, n])."""
     from dpo_kernels import parallel
 
     ignore_index, temp, softcap, logit_scale, stats, pad_rows, fp32 = transform
-    V, n = weight.shape[0], h.shape[0]
+    n = h.shape[0]
     parts = []
     for v0, v1 in blocks:
         y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], pad_rows, fp32=fp32)[:n]
         z = y if softcap is None else _softcapped(y, softcap, logit_scale)[0]
         options = dict(ignore_index=ignore_index, temperature=temp, return_stats=stats)
-        parts.append(kernels.logprobs_partial_fwd(z, labels, vocab_start=v0, vocab_size=V, **options))
+        parts.append(
+            kernels.logprobs_partial_fwd(z, labels, vocab_start=vocab_start + v0, vocab_size=vocab_total, **options)
+        )
         del y, z
-    merged = parallel.merge_partials(parts)
-    ((lp, ls, st),) = parallel.combine_partials([merged], labels, parallel.VocabShard(None, 0, V, V), ignore_index)
+    return parallel.merge_partials(parts)
+
+
+def _split_fwd(h, weight, bias, labels, blocks, kernels, transform):
+    """One chunk of rows over a split vocabulary: the blocks' merged row partials, finalized (the combine of
+    `dpo_kernels.parallel` over one process: nothing to reduce)."""
+    from dpo_kernels import parallel
+
+    V = weight.shape[0]
+    merged = _chunk_partials(h, weight, bias, labels, blocks, kernels, transform, 0, V)
+    ((lp, ls, st),) = parallel.combine_partials([merged], labels, parallel.VocabShard(None, 0, V, V), transform[0])
     return lp, ls, st
 
 
-def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, options, grads) -> torch.Tensor:
+def linear_partials_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scored: torch.Tensor,
+    *,
+    kernels: ModuleType,
+    vocab_start: int,
+    vocab_total: int,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_stats: bool = False,
+    rows: int,
+    fp32: bool = False,
+) -> torch.Tensor:
+    """The row partials (`parallel.PARTIALS`, [3 | 7, N] fp32, 0 at the rows not in `scored`) of a weight shard:
+    its columns are [vocab_start, vocab_start + V) of a vocabulary of `vocab_total`, `labels` index the whole
+    vocabulary. The vocabulary-parallel head's forward; `parallel.combine_partials` finalizes them."""
+    from dpo_kernels import parallel
+
+    out = hidden.new_zeros(len(parallel.PARTIALS) if return_stats else 3, hidden.shape[0], dtype=torch.float32)
+    temp = temperature if softcap is not None else temperature / logit_scale
+    transform = (ignore_index, temp, softcap, logit_scale, return_stats, 0, fp32)
+    blocks = vocab_blocks(weight.shape[0])
+    for c0, c1 in _chunks(scored.numel(), rows):
+        idx = scored[c0:c1]
+        h = hidden.index_select(0, idx)
+        out[:, idx] = _chunk_partials(
+            h, weight, bias, labels[idx], blocks, kernels, transform, vocab_start, vocab_total
+        )
+    return out
+
+
+def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, options, grads, vocab_start) -> torch.Tensor:
     """One chunk of rows (padded already with pad=True) over a split vocabulary, backward: each block's tile
     recomputed, its dy from the whole rows' lse (and entropy), dH summed over the blocks in fp32, dW / db written or
     accumulated block by block. Returns dH of the chunk."""
@@ -230,7 +287,7 @@ def _split_bwd(h, weight, bias, labels, lse, g, g_h, h_e, blocks, kernels, optio
         y = _gemm(h, weight[v0:v1], None if bias is None else bias[v0:v1], 0, fp32=fp32)
         u, du_dy = (y, None) if softcap is None else _softcapped(y, softcap, logit_scale)
         dy = kernels.logprobs_bwd(u, labels, lse, g, ignore_index=ignore_index, temperature=temp, grad_entropy=g_h,
-                                  entropy=h_e, inplace=True, vocab_start=v0)  # fmt: skip
+                                  entropy=h_e, inplace=True, vocab_start=(vocab_start or 0) + v0)  # fmt: skip
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
         dy = dy.to(tile_dtype(h, weight))  # an fp32 tile's dy, rounded for the GEMMs (else a no-op)
@@ -266,13 +323,17 @@ def linear_logprobs_bwd(
     rows: int,
     pad: bool = False,
     fp32: bool = False,
+    vocab_start: int | None = None,
+    grad_hidden_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_hidden, grad_weight or None, grad_bias or None) in the dtypes of hidden, weight and bias, of
-    Σ grad_logps · logp + grad_entropy · entropy. The tiles are recomputed under the caller's autocast state (the
-    api restores the forward's), or read from `kept` (never modified: a second backward reads them again)."""
+    """(grad_hidden, grad_weight or None, grad_bias or None) in the dtypes of hidden (or `grad_hidden_dtype`),
+    weight and bias, of Σ grad_logps · logp + grad_entropy · entropy. The tiles are recomputed under the caller's
+    autocast state (the api restores the forward's), or read from `kept` (never modified: a second backward reads
+    them again). `vocab_start`: the weight is a vocabulary shard whose columns start there (`labels`, `lse` and
+    `entropy` are the whole vocabulary's; grad_hidden is this shard's part of the sum over the shards)."""
     n = scored.numel()
     temp = temperature if softcap is not None else temperature / logit_scale
-    grad_hidden = torch.zeros_like(hidden)
+    grad_hidden = torch.zeros_like(hidden, dtype=grad_hidden_dtype or hidden.dtype)
     one_chunk = 0 < n <= rows
     grad_weight = grad_bias = None
     blocks = vocab_blocks(weight.shape[0])
@@ -297,8 +358,8 @@ def linear_logprobs_bwd(
         if len(blocks) > 1:
             options = (ignore_index, temp, softcap, logit_scale, fp32)
             grads = (grad_weight, grad_bias, one_chunk)
-            dh = _split_bwd(h, weight, bias, y_lab, y_lse, g, g_h, h_e, blocks, kernels, options, grads)
-            grad_hidden[idx] = dh[: c1 - c0].to(hidden.dtype)
+            dh = _split_bwd(h, weight, bias, y_lab, y_lse, g, g_h, h_e, blocks, kernels, options, grads, vocab_start)
+            grad_hidden[idx] = dh[: c1 - c0].to(grad_hidden.dtype)
             del dh, h
             continue
         if kept is None:
@@ -319,11 +380,12 @@ def linear_logprobs_bwd(
             entropy=h_e,
             out=None if write_into is u else write_into,
             inplace=write_into is u,
+            vocab_start=vocab_start,
         )
         if du_dy is not None:
             dy = (dy.float() * du_dy).to(dy.dtype)
         dy = dy.to(tile_dtype(h, weight))  # an fp32 tile's dy, rounded for the GEMMs (else a no-op)
-        grad_hidden[idx] = torch.mm(dy, weight)[: c1 - c0].to(hidden.dtype)  # under autocast: in its dtype
+        grad_hidden[idx] = torch.mm(dy, weight)[: c1 - c0].to(grad_hidden.dtype)  # under autocast: in its dtype
         if weight_grad and one_chunk:
             grad_weight = torch.mm(dy.T, h)
         elif weight_grad:

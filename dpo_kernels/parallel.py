@@ -24,7 +24,9 @@ reference's partials ride in the same two collectives.
 
 Backward. Logits in: the local kernel with the combined lse and entropy writes the shard's gradient; no
 communication. Weight in: the tiles are recomputed, grad_weight and grad_bias stay local (each rank owns its rows),
-grad_hidden is summed over the shards with one all-reduce.
+grad_hidden is summed over the shards with one all-reduce. The weight's tiles are chunked.py's (vendor GEMMs into
+fp32 tiles, the shard's columns offset by its vocab_start), the loop of one process's head with
+`tile_dtype=torch.float32`; only the finalize differs (the partials' combine instead of the finalized kernels).
 
 Every rank of the group must call with the same labels, options and upstream gradients (a loss computed from the
 replicated outputs, as with torch's `loss_parallel`); the outputs are plain tensors, the same on every rank.
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dpo_kernels import api, checks, dispatch
+from dpo_kernels import api, checks, chunked, dispatch
 from dpo_kernels import losses as L
 from dpo_kernels import pairs as P
 from dpo_kernels.results import STATS, DPOOutput, SequenceLogps, TokenStats
@@ -56,9 +58,6 @@ __all__ = [
     "vocab_shard",
 ]
 
-# The fused head's tiles: rows of scored tokens × columns of the local weight (fp32, 2048 × 16384: 128 MiB); the
-# tests shrink them to cover the merge of a shard's tiles.
-TOKEN_CHUNK, VOCAB_CHUNK = 2048, 16384
 # The rows of the kernels' partial output (`logprobs_partial_fwd`), the first three without stats.
 PARTIALS = ("max", "sum_exp", "label_logit", "sum_exp_shift", "sum_exp_sq", "mean_part", "max_before_label")
 _ENTROPY = STATS.index("entropy")
@@ -479,7 +478,7 @@ def dpo_loss_from_logits(
 
 @dataclass(frozen=True)
 class _Head:
-    """The fused head's options: the shard, the kernels, the logit transform, the tiles."""
+    """The fused head's options: the shard, the kernels, the logit transform."""
 
     shard: VocabShard
     kernels: object
@@ -487,51 +486,29 @@ class _Head:
     temperature: float
     softcap: float | None
     logit_scale: float
-    token_chunk: int
-    vocab_chunk: int
 
-    @property
-    def kernel_temperature(self) -> float:
-        """The row kernels' temperature on u: z = u / T_k (the scale folded in where there is no softcap)."""
-        return self.temperature if self.softcap is not None else self.temperature / self.logit_scale
-
-
-def _tiles(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: _Head):
-    """Yields (v0, v1, w, u, du/dy) over the column tiles of the local weight for the fp32 rows h: the vendor GEMM
-    y = h @ wᵀ (+ b) (under the caller's autocast), then u = y, or u = c · tanh(y · scale / c) with a softcap c
-    (du/dy None without one); the row kernels take u with `head.kernel_temperature`, so that z = transform(y)."""
-    for v0 in range(0, weight.shape[0], head.vocab_chunk):
-        v1 = min(weight.shape[0], v0 + head.vocab_chunk)
-        w = weight[v0:v1].float()
-        y = (torch.mm(h, w.T) if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)).float()
-        if head.softcap is None:
-            yield v0, v1, w, y, None
-            continue
-        t = y * (head.logit_scale / head.softcap)
-        # 1 / cosh² rather than 1 − tanh²: no cancellation where tanh is near ±1 (cosh overflows to inf → 0 there)
-        yield v0, v1, w, torch.tanh(t) * head.softcap, torch.cosh(t).pow(-2) * head.logit_scale
+    def options(self, weight: torch.Tensor) -> dict:
+        """The keywords of chunked.py's tile loop for this shard, with fp32 tiles: the numerics of one process's
+        head with `tile_dtype=torch.float32`."""
+        return dict(
+            kernels=self.kernels,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            rows=chunked.chunk_rows(weight.shape[0], torch.float32),
+            fp32=True,
+        )
 
 
 def _head_partials(hidden, weight, bias, labels, head: _Head, return_stats: bool) -> torch.Tensor:
-    """The shard's partials [3 | 7, N] through the fused head: the scored rows in token chunks, each tile's partials
-    from the row kernel, merged over the tiles (ignored rows: zeros, never read)."""
-    out = hidden.new_zeros(len(PARTIALS) if return_stats else 3, hidden.shape[0], dtype=torch.float32)
+    """The shard's partials [3 | 7, N] through the tile head of chunked.py (ignored rows: zeros, never read)."""
     scored = torch.nonzero(labels != head.ignore_index).squeeze(1)
-    opts = dict(
-        vocab_size=head.shard.total,
-        ignore_index=head.ignore_index,
-        return_stats=return_stats,
-        temperature=head.kernel_temperature,
+    shard = dict(vocab_start=head.shard.start, vocab_total=head.shard.total)
+    opts = head.options(weight)
+    return chunked.linear_partials_fwd(
+        hidden, weight, labels, scored, bias=bias, **shard, **opts, return_stats=return_stats
     )
-    for t0 in range(0, scored.numel(), head.token_chunk):
-        rows = scored[t0 : t0 + head.token_chunk]
-        h, y = hidden.index_select(0, rows).float(), labels[rows]
-        pieces = [
-            head.kernels.logprobs_partial_fwd(u, y, vocab_start=head.shard.start + v0, **opts)
-            for v0, _, _, u, _ in _tiles(h, weight, bias, head)
-        ]
-        out[:, rows] = merge_partials(pieces)
-    return out
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -543,7 +520,7 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 class _ShardedLinearLogps(torch.autograd.Function):
     """Log-probs (and stats) through the local weight shard, the reference's (no gradient) in the same combine.
-    Backward: grad_hidden all-reduced once, grad_weight and grad_bias local."""
+    Backward: the tiles recomputed, grad_hidden all-reduced once (fp32), grad_weight and grad_bias local."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref, head, return_stats):
@@ -565,44 +542,25 @@ class _ShardedLinearLogps(torch.autograd.Function):
         hidden, weight, bias, labels, lse, stats = ctx.saved_tensors
         head = ctx.head
         has_entropy = grad_stats is not None and stats.shape[0] > 0
-        g_all = torch.zeros_like(lse) if grad_logps is None else grad_logps.float()
-        dh_all = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        db = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         scored = torch.nonzero(labels != head.ignore_index).squeeze(1)
         with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-            for t0 in range(0, scored.numel(), head.token_chunk):
-                rows = scored[t0 : t0 + head.token_chunk]
-                h, y = hidden.index_select(0, rows).float(), labels[rows]
-                entropy = (
-                    dict(
-                        grad_entropy=grad_stats[_ENTROPY][rows].float().contiguous(),
-                        entropy=stats[_ENTROPY][rows].contiguous(),
-                    )
-                    if has_entropy
-                    else {}
-                )
-                dh = torch.zeros_like(h)
-                for v0, v1, w, u, du_dy in _tiles(h, weight, bias, head):
-                    du = head.kernels.logprobs_bwd(
-                        u,
-                        y,
-                        lse[rows].contiguous(),
-                        g_all[rows].contiguous(),
-                        ignore_index=head.ignore_index,
-                        temperature=head.kernel_temperature,
-                        vocab_start=head.shard.start + v0,
-                        **entropy,
-                    )
-                    dy = du if du_dy is None else du * du_dy
-                    dh += dy @ w
-                    dw[v0:v1] += dy.T @ h
-                    if db is not None:
-                        db[v0:v1] += dy.sum(0)
-                dh_all[rows] = dh
-        _all_reduce(dh_all, dist.ReduceOp.SUM, head.shard.group)  # the one collective of the backward
-        db = None if db is None else db.to(bias.dtype)
-        return dh_all.to(hidden.dtype), dw.to(weight.dtype), db, None, None, None, None
+            dh, dw, db = chunked.linear_logprobs_bwd(
+                hidden,
+                weight,
+                labels,
+                scored,
+                lse,
+                None if grad_logps is None else grad_logps.float().contiguous(),
+                bias=bias,
+                grad_entropy=grad_stats[_ENTROPY].float().contiguous() if has_entropy else None,
+                entropy=stats[_ENTROPY].contiguous() if has_entropy else None,
+                weight_grad=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+                vocab_start=head.shard.start,
+                grad_hidden_dtype=torch.float32,
+                **head.options(weight),
+            )
+        _all_reduce(dh, dist.ReduceOp.SUM, head.shard.group)  # the one collective of the backward
+        return dh.to(hidden.dtype), dw, db, None, None, None, None
 
 
 def _check_head(hidden, weight, shard: VocabShard, softcap, logit_scale, name="hidden") -> None:
@@ -641,6 +599,13 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def _head_operands(hidden, weight, bias) -> tuple:
+    """[N, H] rows of the hidden states, the weight and the bias in one dtype, the promoted one (a copy of the
+    lower-precision operand where they differ; its gradient comes back in its own dtype)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in (hidden.reshape(-1, hidden.shape[-1]), weight, bias))
+
+
 def _sharded_linear_logps(
     hidden,
     weight,
@@ -670,10 +635,7 @@ def _sharded_linear_logps(
         checks.check_temperature(temperature),
         None if softcap is None else float(softcap),
         float(logit_scale),
-        TOKEN_CHUNK,
-        VOCAB_CHUNK,
     )
-    rows = lambda h: h.reshape(-1, h.shape[-1])  # noqa: E731
     flat = labels.reshape(-1).long()
     ref_args = None
     if ref is not None:
@@ -683,9 +645,9 @@ def _sharded_linear_logps(
             raise ValueError("ref_weight must be sharded as weight is")
         ref_b = _bias_shard(ref_bias, shard, shard_args, name="ref_bias")
         _check_head(ref_hidden, ref_w, shard, softcap, logit_scale, name="ref_hidden")
-        ref_args = tuple(None if t is None else t.detach() for t in (rows(ref_hidden), ref_w, ref_b))
+        ref_args = tuple(None if t is None else t.detach() for t in _head_operands(ref_hidden, ref_w, ref_b))
     logps, stats, ref_logps = _ShardedLinearLogps.apply(
-        rows(hidden), local_w, local_b, flat, ref_args, head, return_stats
+        *_head_operands(hidden, local_w, local_b), flat, ref_args, head, return_stats
     )
     ref_logps = ref_logps.view(labels.shape) if ref is not None else None
     return logps.view(labels.shape), (stats if return_stats else None), ref_logps
@@ -710,9 +672,9 @@ def linear_token_logps(
     """`dpo_kernels.linear_token_logps` through an output layer sharded over the vocabulary (a `ColwiseParallel`
     lm_head): the hidden states whole on every rank, the weight [V_shard, H] (and bias [V_shard]) this rank's rows.
 
-    Per chunk of scored rows and of the shard's columns: one vendor GEMM into an fp32 tile, the logit transform,
-    the partial row kernel; then the two all-reduces. Backward: the tiles recomputed, grad_weight and grad_bias
-    local, grad_hidden all-reduced once.
+    Per chunk of scored rows (and of the shard's columns from `chunked.VOCAB_SPLIT` up): one vendor GEMM into an fp32
+    tile, the logit transform, the partial row kernel; then the two all-reduces. Backward: the tiles recomputed
+    (chunked.py's backward with the shard's offset), grad_weight and grad_bias local, grad_hidden all-reduced once.
 
     Args:
         hidden: [..., H], the same on every rank.

@@ -396,6 +396,7 @@ def test_tile_fp32_tiles(dtype, backend, keep_logits, split, monkeypatch):
     if split:
         monkeypatch.setattr(chunked, "VOCAB_SPLIT", 128)
         monkeypatch.setattr(chunked, "VOCAB_BLOCK", 64)
+    monkeypatch.setattr(chunked, "UPCAST_COLUMNS", 48)  # the CPU's upcast weight blocks, the last one partial
     temperature, softcap, logit_scale, _ = TRANSFORMS["softcap-T-scale-bias"]
     opts = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     dtype = DTYPES[dtype]

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from conftest import GRAD_TOL, INTERPRET, OUT_TOL
 
 import dpo_kernels as dk
-from dpo_kernels import cpu, losses
+from dpo_kernels import chunked, cpu, losses
 from dpo_kernels import parallel as dkp
 
 IGNORE = -100
@@ -276,7 +276,8 @@ def scenario_dpo_from_logits(rank: int, world: int, backend: str) -> None:
 
 
 def scenario_dpo_from_hidden(rank: int, world: int, backend: str) -> None:
-    dkp.TOKEN_CHUNK, dkp.VOCAB_CHUNK = 5, 8  # several tiles per shard: their partials are merged
+    # several tiles per shard (chunks of 5 rows, column blocks of 8): their partials are merged
+    chunked.VOCAB_SPLIT, chunked.VOCAB_BLOCK, chunked.TILE_BYTES = 8, 8, 5 * 8 * 4
     labels, rc, rr, g = _dpo_batch()
     H = 8
     hidden = torch.randn(*labels.shape, H, generator=g)
