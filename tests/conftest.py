@@ -111,6 +111,11 @@ def pytest_report_header(config):
     return f"dpo_kernels: DPO_KERNELS_SEED={RUN_SEED} TRITON_INTERPRET={int(INTERPRET)} cuda={HAS_CUDA}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The seed again at the end, where `pytest -q` (make test, CI) shows it: DPO_KERNELS_SEED=<it> replays the run."""
+    terminalreporter.write_line(f"dpo_kernels: DPO_KERNELS_SEED={RUN_SEED} replays this run's random inputs")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     torch.manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
