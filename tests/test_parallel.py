@@ -330,6 +330,18 @@ def scenario_dpo_from_hidden(rank: int, world: int, backend: str) -> None:
     for name in ("entropy", "mean_logit", "log_sum_sq_probs"):
         assert_out(getattr(pstats, name), getattr(stats, name), name)
     assert torch.equal(pstats.is_top1, stats.is_top1)
+    # and against float64 logits built here (the one-process head above runs chunked.py's loop too): the log-probs
+    # and the gradient of the hidden states through the shard's tiles, its vocab_start and the all-reduce
+    scored = labels != IGNORE
+    h64 = hidden.double().requires_grad_(True)
+    lp64 = torch.log_softmax(h64 @ weight.double().T + bias.double(), -1).gather(-1, labels.clamp(min=0)[..., None])
+    lp64 = torch.where(scored, lp64[..., 0], 0.0)
+    (dh64,) = torch.autograd.grad(lp64.sum(), h64)
+    h = hidden.clone().requires_grad_(True)
+    plp = dkp.linear_token_logps(h, weight[start:stop], labels, bias=bias[start:stop], backend=backend, **shard)
+    (dh,) = torch.autograd.grad(plp.sum(), h)
+    assert_out(plp, lp64, "linear_token_logps vs float64")
+    torch.testing.assert_close(dh.double(), dh64, atol=1e-5, rtol=1e-5)
 
 
 def scenario_bad_inputs(rank: int, world: int, backend: str) -> None:
